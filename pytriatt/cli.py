@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -155,8 +156,12 @@ def cmd_run(args) -> int:
     lc = _llama.require_patched()
     if args.n_predict <= 0:
         raise CliError("-n/--n-predict must be positive")
-    llm = lc.Llama(model_path=str(path), n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
-                   seed=args.seed, verbose=False)
+    try:
+        llm = lc.Llama(model_path=str(path), n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
+                       seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")))
+    except ValueError as e:
+        raise CliError(f"llama.cpp could not load {path} ({e}): the file is truncated or corrupt, or its "
+                       f"architecture is not supported; PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
     n_prompt = len(llm.tokenize(args.prompt.encode()))
     if n_prompt == 0:
         raise CliError("the prompt is empty")

@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["ARCHS", "write_tiny_gguf", "tiny_vocab"]
+__all__ = ["ARCHS", "write_tiny_gguf", "write_tiny_mamba_gguf", "tiny_vocab"]
 
 ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 
@@ -134,6 +134,19 @@ def _quant_type(dtype: str):
         "bf16": gguf.GGMLQuantizationType.BF16,
         "q8_0": gguf.GGMLQuantizationType.Q8_0,
     }[dtype]
+
+
+def _add_vocab(w, tokens, scores, types) -> None:
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(0)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(True)
 
 
 def write_tiny_gguf(
@@ -256,16 +269,7 @@ def write_tiny_gguf(
         if softcap is not None:
             w.add_final_logit_softcapping(float(softcap))
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_add_bos_token(True)
-    w.add_add_eos_token(False)
-    w.add_add_space_prefix(True)
+    _add_vocab(w, tokens, scores, types)
 
     # ---- tensors (numpy shape is ggml's shape reversed: (out, in)) -------
     def mat(tname: str, n_out: int, n_in: int, std: Optional[float] = None) -> None:
@@ -310,6 +314,57 @@ def write_tiny_gguf(
         if arch == "gemma3":
             vec(f"{b}.post_ffw_norm.weight", n_embd, 1.0, 0.1)
 
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_embd: int = 32, d_state: int = 8,
+                          d_conv: int = 4, seed: int = 0) -> pathlib.Path:
+    """Write a tiny random-weight Mamba (recurrent, no KV cache) model.
+
+    It exists to check that what needs per-token KV cells refuses a recurrent
+    memory with a clear error instead of misbehaving."""
+    import gguf
+
+    tokens, scores, types = tiny_vocab()
+    n_vocab, d_inner, dt_rank = len(tokens), 2 * n_embd, max(1, n_embd // 16)
+    rng = np.random.default_rng(seed)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "mamba")
+    w.add_name("tiny-mamba")
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(0)
+    w.add_head_count(0)
+    w.add_ssm_conv_kernel(d_conv)
+    w.add_ssm_inner_size(d_inner)
+    w.add_ssm_state_size(d_state)
+    w.add_ssm_time_step_rank(dt_rank)
+    w.add_layer_norm_rms_eps(1e-5)
+    _add_vocab(w, tokens, scores, types)
+
+    def t(name: str, *shape: int, base: float = 0.0, std: float = 0.1) -> None:
+        w.add_tensor(name, (np.float32(base) + rng.standard_normal(shape, dtype=np.float32) * np.float32(std)))
+
+    t("token_embd.weight", n_vocab, n_embd, std=1.0)
+    t("output_norm.weight", n_embd, base=1.0)
+    for i in range(n_layer):
+        b = f"blk.{i}"
+        t(f"{b}.attn_norm.weight", n_embd, base=1.0)
+        t(f"{b}.ssm_in.weight", 2 * d_inner, n_embd)
+        t(f"{b}.ssm_conv1d.weight", d_inner, d_conv)
+        t(f"{b}.ssm_conv1d.bias", d_inner)
+        t(f"{b}.ssm_x.weight", dt_rank + 2 * d_state, d_inner)
+        t(f"{b}.ssm_dt.weight", d_inner, dt_rank)
+        t(f"{b}.ssm_dt.bias", d_inner)
+        t(f"{b}.ssm_a", d_inner, d_state, base=-1.0)
+        t(f"{b}.ssm_d", d_inner, base=1.0)
+        t(f"{b}.ssm_out.weight", n_embd, d_inner)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

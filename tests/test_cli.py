@@ -55,7 +55,7 @@ def test_run_generates_text_on_smollm2(smollm2_path):
     assert "Paris" in out["text"]
 
 
-def test_bad_model_arguments_are_one_line_errors(tmp_path):
+def test_bad_model_arguments_are_one_line_errors(tmp_path, tiny_gguf):
     r = run_cli("run", str(tmp_path / "missing.gguf"), check_rc=2)
     assert "no such file, and not a known model name" in r.stderr
     r = run_cli("run", str(tmp_path), check_rc=2)
@@ -63,8 +63,13 @@ def test_bad_model_arguments_are_one_line_errors(tmp_path):
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"not a gguf at all")
     r = run_cli("run", str(junk), "-n", "4", check_rc=2)
-    assert "could not load" in r.stderr or "failed to load" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "is not a GGUF file" in r.stderr
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(tiny_gguf("llama").read_bytes()[:50_000])
+    r = run_cli("run", str(truncated), "-n", "4", check_rc=2)
+    assert "could not load" in r.stderr and "truncated or corrupt" in r.stderr
+    for res in (r,):
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
     r = run_cli("models", "get", "no-such-model", check_rc=2)
     assert "unknown model" in r.stderr
 

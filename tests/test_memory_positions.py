@@ -171,3 +171,22 @@ def test_eviction_is_exact_on_a_one_layer_model(tiny_gguf):
     scale = np.abs(results["a"]).max()
     assert np.abs(results["a"] - results["b"]).max() <= 1e-5 * scale
     assert np.abs(results["a"] - results["full"]).max() > 1e-3 * scale
+
+
+def test_a_recurrent_memory_refuses_and_python_says_why(tmp_path):
+    from pytriatt.tiny import write_tiny_mamba_gguf
+
+    m = Model(write_tiny_mamba_gguf(tmp_path / "tiny-mamba.gguf"))
+    lc = m._lc
+    with Context(m, n_ctx=256) as ctx:
+        ctx.decode(_tokens(m, 20))
+        assert lc.llama_memory_seq_positions(ctx.memory, 0, None, 0) == -1
+        pos = (ctypes.c_int32 * 1)(3)
+        assert lc.llama_memory_seq_rm_positions(ctx.memory, 0, pos, 1) == -1
+        with pytest.raises(RuntimeError, match="recurrent"):
+            ctx.positions(0)
+        with pytest.raises(RuntimeError, match="recurrent"):
+            ctx.remove_positions(0, [3])
+        # the sequence is intact and continues
+        assert ctx.pos_max(0) == 19
+        assert np.isfinite(ctx.decode([5])).all()

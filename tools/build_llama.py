@@ -239,11 +239,9 @@ def stamp_version(work: Path, manifest: list[dict], cmake_args: list[str]) -> st
 # -- 5. build -------------------------------------------------------------------
 
 def build(work: Path, build_dir: Path, cmake_args: list[str], python: str) -> None:
-    try:
-        import scikit_build_core  # noqa: F401
-    except ImportError:
+    if subprocess.run([python, "-c", "import scikit_build_core"], capture_output=True).returncode != 0:
         log("installing scikit-build-core (build backend of llama-cpp-python)")
-        subprocess.run([python, "-m", "pip", "install", "-q", "scikit-build-core[pyproject]>=0.9.2"], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "scikit-build-core>=0.9.2"], check=True)
     env = dict(os.environ, CMAKE_ARGS=" ".join(cmake_args))
     env.setdefault("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
     cmd = [python, "-m", "pip", "install", "--no-build-isolation", "--force-reinstall", "--no-deps",

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 pip=(.venv/bin/python -m pip)
-"${pip[@]}" install -q "scikit-build-core[pyproject]>=0.10" "pybind11>=2.12" "numpy>=1.24" "gguf>=0.10" "pytest>=7.4"
+"${pip[@]}" install -q "scikit-build-core>=0.10" "pybind11>=2.12" "numpy>=1.24" "gguf>=0.10" "pytest>=7.4"
 .venv/bin/python tools/build_llama.py
 "${pip[@]}" install -q --no-build-isolation -e ".[test]"
 .venv/bin/pytriatt doctor >&2 || true
