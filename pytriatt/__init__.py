@@ -8,4 +8,17 @@ __version__ = "0.1.0"
 
 from ._llama import PatchMissingError, patch_info, seq_positions, seq_rm_positions  # noqa: E402
 
-__all__ = ["__version__", "PatchMissingError", "patch_info", "seq_positions", "seq_rm_positions"]
+# the scoring/selection API lives in pytriatt.core (it needs the compiled pytriatt._core);
+# imported on first use so that `import pytriatt` stays light and never fails because of it
+_CORE_NAMES = ("Calibration", "RopeSpec", "select", "model_fingerprint", "CalibrationError",
+               "FingerprintMismatchError")
+
+
+def __getattr__(name):
+    if name in _CORE_NAMES:
+        from . import core
+        return getattr(core, name)
+    raise AttributeError(f"module 'pytriatt' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "PatchMissingError", "patch_info", "seq_positions", "seq_rm_positions", *_CORE_NAMES]

@@ -133,5 +133,19 @@ def built_backends() -> list[str]:
     return sorted(names)
 
 
+def core_in_libllama() -> bool:
+    """Whether the installed libllama carries the TriAttention core compiled from cpp/."""
+    lc = _import_llama_cpp()
+    lib = Path(lc.__file__).parent / "lib" / "libllama.so"
+    if not lib.is_file():
+        return False
+    try:
+        so = ctypes.CDLL(str(lib))
+    except OSError:
+        return False
+    # triatt_kernel_name() under the Itanium C++ ABI (gcc, clang)
+    return hasattr(so, "_Z18triatt_kernel_namev")
+
+
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))

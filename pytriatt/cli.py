@@ -86,6 +86,7 @@ def doctor_report() -> dict:
     rep["cmake_args"] = info.get("cmake_args", []) if info else []
     rep["backends"] = _llama.built_backends()
     rep["gpu_offload"] = bool(lc.llama_supports_gpu_offload())
+    rep["core_in_libllama"] = _llama.core_in_libllama()
     # patches in this checkout that the installed build does not carry (or carries in another version)
     repo_patches = Path(__file__).resolve().parent.parent / "patches"
     if info and repo_patches.is_dir():
@@ -119,6 +120,7 @@ def cmd_doctor(args) -> int:
             print(f"backends        {', '.join(rep['backends']) or '?'}"
                   f"{'  (GPU offload available)' if rep['gpu_offload'] else ''}")
             print(f"CMAKE_ARGS      {' '.join(rep['cmake_args']) or '(default)'}")
+            print(f"core in libllama {'yes' if rep['core_in_libllama'] else 'no'}")
         if rep.get("problem"):
             print(f"problem: {rep['problem']}")
     return 0 if rep.get("patched") and "problem" not in rep else 1

@@ -32,6 +32,8 @@ def test_doctor_reports_the_patched_build_and_its_patches():
     rep = json.loads(r.stdout)
     assert rep["patched"] is True
     assert "llama.cpp/0001-memory-seq-positions.patch" in rep["patches"]
+    assert "llama.cpp/0002-triatt-core-sources.patch" in rep["patches"]
+    assert rep["core_in_libllama"] is True  # cpp/ is compiled into libllama
     assert "llama-cpp-python/0001-memory-seq-positions-bindings.patch" in rep["patches"]
     assert rep["llama_cpp"].startswith("0.3.36+triatt.")
     assert "cpu" in rep["backends"]

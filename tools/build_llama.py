@@ -40,7 +40,7 @@ VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # bump when the patch set changes in a way users should see in the version
-TRIATT_LEVEL = 1
+TRIATT_LEVEL = 2
 
 REPO = Path(__file__).resolve().parent.parent
 PATCH_DIRS = {
@@ -48,8 +48,9 @@ PATCH_DIRS = {
     "llama.cpp": "vendor/llama.cpp",
     "llama-cpp-python": ".",
 }
-# CMake options we add to whatever the user passes in CMAKE_ARGS
-DEFAULT_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF"]
+# CMake options we add to whatever the user passes in CMAKE_ARGS: no multimodal library (unused,
+# and it doubles the build time), and the TriAttention core compiled into libllama from cpp/
+DEFAULT_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF", f"-DLLAMA_TRIATT_DIR={REPO / 'cpp'}"]
 
 
 class BuildError(RuntimeError):

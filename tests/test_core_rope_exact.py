@@ -1,0 +1,329 @@
+"""RopeSpec.from_gguf reproduces llama.cpp's RoPE exactly, checked on llama.cpp's own graph.
+
+A model is run through the patched llama.cpp with an eval callback that captures,
+for every layer, the input and the output of the GGML_OP_ROPE node named "Kcur-<il>"
+(pre- and post-RoPE keys) and the node's parameters. Then:
+
+- the parameters RopeSpec derived from the GGUF file (n_rot, pairing, freq_base,
+  freq_scale, ext_factor, attn_factor, beta_fast/slow, n_ctx_orig, rope_freqs) equal
+  the ones llama.cpp passed to ggml_rope_ext for that layer, and
+- rotating the captured pre-RoPE keys with the spec's omega_f and s reproduces the
+  captured post-RoPE keys (1e-4 relative), layer by layer (Gemma 3: local and global).
+
+Tiny random-weight models cover llama, qwen2, qwen3 and gemma3, plus variants whose
+metadata turn on linear scaling, YaRN and per-band rope_freqs; context overrides are
+checked too. The real models (marked `real`) are smollm2-135m, qwen2.5-0.5b and
+gemma3-270m. (None of these architectures allows partial rotary in llama.cpp's graph;
+partial rotary is checked against a re-implementation of ggml's loop in test_core_rope.py.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from pytriatt.core import RopeSpec
+
+gguf = pytest.importorskip("gguf")
+
+
+# --------------------------------------------------------------------------- capture
+
+
+class _GgmlTensor(ctypes.Structure):
+    # struct ggml_tensor of the vendored ggml (ggml/include/ggml.h): GGML_MAX_DIMS 4,
+    # GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10, GGML_MAX_NAME 64
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+_GGML_TYPE_F32, _GGML_TYPE_F16, _GGML_TYPE_I32 = 0, 1, 26
+_GGML_ROPE_TYPE_NORM, _GGML_ROPE_TYPE_NEOX = 0, 2
+
+
+def _ggml():
+    import llama_cpp
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_op_desc.restype = ctypes.c_char_p
+    lib.ggml_op_desc.argtypes = [ctypes.c_void_p]
+    lib.ggml_nbytes.restype = ctypes.c_size_t
+    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_tensor_get.restype = None
+    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
+    return lib
+
+
+def _read(lib, ptr) -> np.ndarray:
+    """a tensor's values as numpy, in numpy order [ne3, ne2, ne1, ne0], honouring strides"""
+    t = _GgmlTensor.from_address(ptr)
+    dtype = {_GGML_TYPE_F32: np.float32, _GGML_TYPE_F16: np.float16, _GGML_TYPE_I32: np.int32}.get(t.type)
+    if dtype is None:
+        raise NotImplementedError(f"tensor {t.name!r} has ggml type {t.type}")
+    nbytes = lib.ggml_nbytes(ptr)
+    raw = np.empty(nbytes, dtype=np.uint8)
+    lib.ggml_backend_tensor_get(ptr, raw.ctypes.data, 0, nbytes)
+    shape = tuple(int(t.ne[i]) for i in range(3, -1, -1))
+    strides = tuple(int(t.nb[i]) for i in range(3, -1, -1))
+    pad = (-nbytes) % np.dtype(dtype).itemsize
+    base = np.concatenate([raw, np.zeros(pad, np.uint8)]).view(dtype)
+    arr = np.lib.stride_tricks.as_strided(base, shape=shape, strides=strides)
+    return np.array(arr, dtype=np.float64 if dtype != np.int32 else np.int64)
+
+
+def capture_k_rope(model_path, chunks, **cparams):
+    """Decode `chunks` ([(pos0, n_tokens), ...], each a fresh sequence) and capture every layer's K RoPE.
+
+    Returns {layer: dict(pre [n, n_head_kv, head_dim], post, pos [n], params)}, the
+    tokens of all chunks concatenated.
+    """
+    from pytriatt import _llama
+    from pytriatt.context import Model
+
+    lc = _llama.require_patched()
+    lib = _ggml()
+    got: dict = {}
+
+    # ggml-alloc may compute a ROPE node in place, over its input: so the inputs are
+    # copied when they are computed (every "Kcur*" tensor, keyed by data address) and
+    # looked up when the ROPE node runs
+    seen: dict = {}
+
+    @lc.ggml_backend_sched_eval_callback
+    def cb(ptr, ask, user_data):
+        t = _GgmlTensor.from_address(ptr)
+        name = t.name.decode()
+        if not name.startswith("Kcur"):
+            return not ask  # ask: not interested; after compute: keep going
+        if ask:
+            return True
+        is_rope = lib.ggml_op_desc(ptr) == b"ROPE" and name.startswith("Kcur-")
+        if not is_rope:
+            seen[t.data] = _read(lib, ptr)
+            return True
+        il = int(name.split("-")[1])
+        op = list(t.op_params)
+        floats = struct.unpack("6f", struct.pack("6i", *op[5:11]))
+        params = dict(
+            n_dims=op[1], mode=op[2], n_ctx_orig=op[4], freq_base=floats[0], freq_scale=floats[1],
+            ext_factor=floats[2], attn_factor=floats[3], beta_fast=floats[4], beta_slow=floats[5],
+            freq_factors=None if not t.src[2] else _read(lib, t.src[2]).ravel(),
+        )
+        src = _GgmlTensor.from_address(t.src[0])
+        shape = tuple(int(src.ne[i]) for i in range(3, -1, -1))
+        pre = seen.get(src.data)
+        if pre is None or pre.size != int(np.prod(shape)):
+            got.setdefault("errors", []).append(f"layer {il}: the input of K's RoPE ({src.name!r}) was not captured")
+            return True
+        pre = pre.reshape(shape)[0]        # [n_tokens, n_head_kv, head_dim]
+        post = _read(lib, ptr)[0]
+        pos = _read(lib, t.src[1]).ravel()[: pre.shape[0]]
+        d = got.setdefault(il, dict(pre=[], post=[], pos=[], params=params))
+        d["pre"].append(pre)
+        d["post"].append(post)
+        d["pos"].append(pos)
+        return True
+
+    model = Model(model_path)
+    params = lc.llama_context_default_params()
+    n_max = max(n for _, n in chunks)
+    params.n_ctx = 512
+    params.n_batch = params.n_ubatch = max(32, n_max)
+    params.n_threads = params.n_threads_batch = _llama.default_threads()
+    for k, v in cparams.items():
+        setattr(params, k, v)
+    params.cb_eval = cb
+    params.cb_eval_user_data = None
+    ctx = lc.llama_init_from_model(model.ptr, params)
+    assert ctx, "llama.cpp could not create the context"
+    batch = lc.llama_batch_init(n_max, 0, 1)
+    rng = np.random.default_rng(0)
+    try:
+        for pos0, n in chunks:
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)  # each chunk starts a fresh sequence at pos0
+            toks = rng.integers(3, min(model.n_vocab, 2000), size=n)
+            for i, tok in enumerate(toks):
+                batch.token[i] = int(tok)
+                batch.pos[i] = pos0 + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = i == n - 1
+            batch.n_tokens = n
+            assert lc.llama_decode(ctx, batch) == 0
+    finally:
+        lc.llama_batch_free(batch)
+        lc.llama_free(ctx)
+        model.close()
+    assert "errors" not in got, got.get("errors")
+    return {il: dict(pre=np.concatenate(d["pre"]), post=np.concatenate(d["post"]),
+                     pos=np.concatenate(d["pos"]), params=d["params"]) for il, d in sorted(got.items())}
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_exact(spec: RopeSpec, captured, n_layer):
+    """the spec's parameters are llama.cpp's, and its rotation reproduces the graph's"""
+    assert sorted(captured) == list(range(n_layer)), "every layer's K RoPE must be captured"
+    for il, c in captured.items():
+        rl, p = spec.layer(il), c["params"]
+        want_mode = _GGML_ROPE_TYPE_NEOX if spec.pairing == "neox" else _GGML_ROPE_TYPE_NORM
+        assert (p["n_dims"], p["mode"]) == (rl.n_rot, want_mode), f"layer {il}"
+        assert p["freq_base"] == rl.freq_base, f"layer {il}"
+        assert p["freq_scale"] == rl.freq_scale, f"layer {il}"
+        assert p["ext_factor"] == rl.ext_factor, f"layer {il}"
+        assert p["attn_factor"] == rl.attn_factor, f"layer {il}"
+        if rl.ext_factor != 0.0:
+            assert (p["beta_fast"], p["beta_slow"], p["n_ctx_orig"]) == (rl.beta_fast, rl.beta_slow, rl.n_ctx_orig)
+        if p["freq_factors"] is None:
+            assert len(rl.freq_factors) == 0, f"layer {il}"
+        else:
+            np.testing.assert_array_equal(np.float32(rl.freq_factors), p["freq_factors"][: rl.n_rot // 2])
+        # numerics: rotate the graph's pre-RoPE keys with the spec's omega_f and s
+        want = spec.rotate(c["pre"], c["pos"], il)
+        scale = np.abs(c["post"]).max()
+        np.testing.assert_allclose(c["post"], want, rtol=1e-4, atol=1e-4 * scale, err_msg=f"layer {il}")
+        # and undoing it recovers the pre-RoPE keys (what the reference scorer does)
+        back = spec.rotate(c["post"], c["pos"], il, inverse=True)
+        np.testing.assert_allclose(back, c["pre"], rtol=1e-4, atol=1e-4 * np.abs(c["pre"]).max(), err_msg=f"layer {il}")
+
+
+# two chunks: the prompt at 0.., and tokens far away (large angles, gaps are fine)
+CHUNKS = [(0, 24), (3000, 8)]
+
+
+def copy_gguf(src, dst, extra_kv=None, extra_tensors=None):
+    """a copy of a (tiny, f32/f16) GGUF with added or replaced metadata and tensors"""
+    r = gguf.GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(str(dst), arch)
+    extra_kv = {k.replace("{arch}", arch): v for k, v in (extra_kv or {}).items()}
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture" or f.name in extra_kv:
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(f.name, f.contents(), f.types[0])
+    for k, (vtype, v) in extra_kv.items():
+        w.add_key_value(k, v, vtype)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    for name, arr in (extra_tensors or {}).items():
+        w.add_tensor(name, np.asarray(arr, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def tiny(tmp_path, arch, **kw):
+    from pytriatt.tiny import write_tiny_gguf
+
+    return write_tiny_gguf(tmp_path / f"tiny-{arch}.gguf", arch=arch, **kw)
+
+
+# --------------------------------------------------------------------------- tiny models
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_tiny_models(tmp_path, arch):
+    path = tiny(tmp_path, arch, n_layer=2, rope_freq_base=50000.0)
+    spec = RopeSpec.from_gguf(path)
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+def test_tiny_gemma3_local_and_global_layers(tmp_path):
+    # layers 0, 2 local (base 10000), 1, 3 global (base 1e6)
+    path = tiny(tmp_path, "gemma3", n_layer=4, n_embd=64, n_head=4, n_head_kv=1, head_dim=32,
+                rope_freq_base=1e6, rope_freq_base_swa=10000.0, sliding_window=16)
+    spec = RopeSpec.from_gguf(path)
+    assert [spec.layer(il).freq_base for il in range(4)] == [10000.0, 1e6, 10000.0, 1e6]
+    check_exact(spec, capture_k_rope(path, CHUNKS), 4)
+
+
+def test_tiny_gemma3_with_linear_scaling_on_global_layers(tmp_path):
+    base = tiny(tmp_path, "gemma3", n_layer=2, rope_freq_base=1e6)
+    path = copy_gguf(base, tmp_path / "scaled.gguf", {
+        "{arch}.rope.scaling.type": (gguf.GGUFValueType.STRING, "linear"),
+        "{arch}.rope.scaling.factor": (gguf.GGUFValueType.FLOAT32, 8.0),
+    })
+    spec = RopeSpec.from_gguf(path)
+    assert (spec.layer(0).freq_scale, spec.layer(1).freq_scale) == (1.0, 0.125)
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+def test_tiny_qwen3_yarn_from_metadata(tmp_path):
+    base = tiny(tmp_path, "qwen3", n_layer=2, rope_freq_base=1e6, head_dim=32, n_embd=64, n_head=4)
+    path = copy_gguf(base, tmp_path / "yarn.gguf", {
+        "{arch}.rope.scaling.type": (gguf.GGUFValueType.STRING, "yarn"),
+        "{arch}.rope.scaling.factor": (gguf.GGUFValueType.FLOAT32, 4.0),
+        "{arch}.rope.scaling.original_context_length": (gguf.GGUFValueType.UINT32, 1024),
+    })
+    spec = RopeSpec.from_gguf(path)
+    assert spec.layer(0).ext_factor == 1.0 and spec.mscale(0) > 1.1
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+def test_tiny_llama_rope_freqs_and_linear_scaling(tmp_path):
+    base = tiny(tmp_path, "llama", n_layer=2, rope_freq_base=500000.0)
+    ff = np.linspace(1.0, 8.0, 8).astype(np.float32)   # head_dim 16 -> 8 bands
+    path = copy_gguf(base, tmp_path / "ff.gguf", {
+        "{arch}.rope.scaling.type": (gguf.GGUFValueType.STRING, "linear"),
+        "{arch}.rope.scaling.factor": (gguf.GGUFValueType.FLOAT32, 2.0),
+    }, {"rope_freqs.weight": ff})
+    spec = RopeSpec.from_gguf(path)
+    np.testing.assert_array_equal(np.float32(spec.layer(1).freq_factors), ff)
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+def test_tiny_context_overrides(tmp_path):
+    # YaRN switched on by the context (as Llama(rope_scaling_type=..., rope_freq_scale=...) does)
+    import llama_cpp
+
+    path = tiny(tmp_path, "qwen2", n_layer=2)
+    over = dict(rope_scaling_type=llama_cpp.LLAMA_ROPE_SCALING_TYPE_YARN, rope_freq_scale=0.5,
+                rope_freq_base=20000.0, yarn_orig_ctx=256)
+    spec = RopeSpec.from_gguf(path, rope_scaling_type="yarn", rope_freq_scale=0.5, rope_freq_base=20000.0,
+                              yarn_orig_ctx=256)
+    check_exact(spec, capture_k_rope(path, CHUNKS, **over), 2)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name,arch,n_layer", [
+    ("smollm2-135m", "llama", 30),
+    ("qwen2.5-0.5b", "qwen2", 24),
+    ("gemma3-270m", "gemma3", 18),
+])
+def test_real_models(name, arch, n_layer):
+    from pytriatt import models
+
+    path = models.get(name)
+    spec = RopeSpec.from_gguf(path)
+    assert (spec.arch, spec.n_layer) == (arch, n_layer)
+    if arch == "gemma3":
+        # local layers (base 10000) and global ones (every 6th)
+        assert len({spec.layer(il).freq_base for il in range(n_layer)}) == 2
+    check_exact(spec, capture_k_rope(path, [(0, 16), (2000, 4)]), n_layer)
