@@ -20,6 +20,8 @@ FIX_COMMAND = "python tools/build_llama.py   (from a pytriatt checkout; tools/se
 # the C functions each feature needs; a stock build lacks all of them
 PATCH_SYMBOLS = {
     "memory positions": ("llama_memory_seq_positions", "llama_memory_seq_rm_positions"),
+    "calibration capture": ("llama_triatt_capture_init", "llama_triatt_capture_cb_eval",
+                            "llama_triatt_capture_get"),
 }
 
 

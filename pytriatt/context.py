@@ -95,7 +95,8 @@ class Context:
     """A llama.cpp context: n_ctx KV cells shared by n_seq_max sequences."""
 
     def __init__(self, model: Model, n_ctx: int = 512, n_batch: int = 512, n_seq_max: int = 1,
-                 n_threads: Optional[int] = None, cb_eval=None, kv_unified: bool = True):
+                 n_threads: Optional[int] = None, cb_eval=None, cb_eval_user_data=None,
+                 kv_unified: bool = True):
         lc = model._lc
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -108,7 +109,7 @@ class Context:
         params.n_threads_batch = nt
         if cb_eval is not None:
             params.cb_eval = cb_eval
-            params.cb_eval_user_data = None
+            params.cb_eval_user_data = cb_eval_user_data
         self._cb_eval = cb_eval  # keep the ctypes callback alive
         self.ctx_ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ctx_ptr:

@@ -1,0 +1,200 @@
+"""Calibration: measure each layer's and query head's pre-RoPE query centre, per RoPE band.
+
+The model runs through the patched llama.cpp over some text; the statistics are
+accumulated in C++ inside decode (llama_triatt_capture, attached as the context's
+eval callback), in double precision. The result is a pytriatt.core.Calibration,
+which `pytriatt calibrate` embeds into a copy of the GGUF (docs/calibration-format.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import _llama
+
+DEFAULT_SOURCE = "pydoc_data.topics"
+
+
+def default_text() -> str:
+    """Python's own documentation topics (~1 MB of English prose), shipped with every Python."""
+    from pydoc_data import topics
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def read_texts(files: Sequence[str | os.PathLike]) -> str:
+    parts = []
+    for f in files:
+        p = Path(f)
+        if p.is_dir():
+            raise ValueError(f"{p} is a directory; --text takes text files")
+        if not p.is_file():
+            raise FileNotFoundError(f"text file not found: {p}")
+        parts.append(p.read_text(encoding="utf-8", errors="replace"))
+    text = "\n\n".join(parts)
+    if not text.strip():
+        raise ValueError("the calibration text is empty: give --text files with some prose, "
+                         "or leave --text out to use Python's documentation")
+    return text
+
+
+class _Progress:
+    """A one-line progress bar on stderr: tokens, tokens/s, ETA."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled, self.t0, self.done = total, enabled and total > 0, time.perf_counter(), 0
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if not self.enabled:
+            return
+        dt = time.perf_counter() - self.t0
+        rate = self.done / dt if dt > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        width = 28
+        fill = int(width * self.done / self.total)
+        sys.stderr.write(f"\rcalibrating [{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} tokens "
+                         f"{rate:7.1f} tok/s  ETA {eta:5.0f} s ")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+@dataclass
+class CaptureResult:
+    q_mean: np.ndarray        # complex128 [n_layer, n_head, n_freq]
+    q_abs_mean: np.ndarray    # float64 [n_layer, n_head, n_freq]
+    n_tokens: int             # query vectors per layer (the largest over layers)
+    tokens_per_layer: np.ndarray
+    seconds: float
+
+
+def capture(model, windows: Iterable[Sequence[int]], *, n_ctx: int, n_batch: int = 512,
+            n_threads: Optional[int] = None, progress: bool = True, total: int = 0) -> CaptureResult:
+    """Decode each window of tokens as a fresh sequence (positions 0..) and accumulate the statistics.
+
+    model: a pytriatt.context.Model."""
+    from .context import Context
+
+    lc = _llama.require_patched("calibration capture")
+    cap = lc.llama_triatt_capture_init(model.ptr)
+    if not cap:
+        raise RuntimeError("llama_triatt_capture_init failed")
+    bar = _Progress(total, progress)
+    t0 = time.perf_counter()
+    try:
+        with Context(model, n_ctx=n_ctx, n_batch=min(n_batch, n_ctx), n_threads=n_threads,
+                     cb_eval=lc.llama_triatt_capture_cb_eval, cb_eval_user_data=cap) as ctx:
+            for win in windows:
+                if not len(win):
+                    continue
+                ctx.clear()
+                for start in range(0, len(win), ctx.n_batch):
+                    chunk = list(win[start:start + ctx.n_batch])
+                    ctx.decode(chunk, pos0=start, logits="none")
+                    bar.update(len(chunk))
+        seconds = time.perf_counter() - t0
+        bar.close()
+        missed = lc.llama_triatt_capture_n_missed(cap)
+        if missed:
+            raise RuntimeError(f"{missed} query RoPE nodes could not be read: this model's graph is not "
+                               f"one the calibration understands")
+        n_layer, n_head = lc.llama_model_n_layer(model.ptr), lc.llama_model_n_head(model.ptr)
+        n_freq = lc.llama_triatt_capture_n_freq(cap)
+        if n_freq <= 0:
+            raise ValueError("no RoPE'd queries were seen: the model has no rotary attention "
+                             "(TriAttention needs RoPE), or no token was decoded")
+        shape = (n_layer, n_head, n_freq)
+        re, im, ab = (np.zeros(shape, np.float64) for _ in range(3))
+        per_layer = np.zeros(n_layer, np.uint64)
+        dp = ctypes.POINTER(ctypes.c_double)
+        n = lc.llama_triatt_capture_get(cap, re.ctypes.data_as(dp), im.ctypes.data_as(dp), ab.ctypes.data_as(dp),
+                                        per_layer.ctypes.data_as(ctypes.POINTER(ctypes.c_uint64)), n_freq)
+        if n < 0:
+            raise RuntimeError("llama_triatt_capture_get failed")
+    finally:
+        lc.llama_triatt_capture_free(cap)
+    return CaptureResult(re + 1j * im, ab, int(n), per_layer, seconds)
+
+
+def token_windows(tokens: Sequence[int], n_ctx: int, bos: Optional[int]) -> list[list[int]]:
+    """Split a token stream into windows of n_ctx tokens, each starting with BOS when the model uses one."""
+    step = n_ctx - (1 if bos is not None else 0)
+    out = []
+    for i in range(0, len(tokens), step):
+        w = list(tokens[i:i + step])
+        out.append(([bos] if bos is not None else []) + w)
+    return out
+
+
+def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_SOURCE, max_tokens: int = 32768,
+              n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
+              progress: bool = True):
+    """Run the model over `text` (default: Python's documentation) and return (Calibration, CaptureResult)."""
+    from .context import Model
+    from .core import Calibration, RopeSpec, model_fingerprint
+
+    if max_tokens <= 0:
+        raise ValueError("--tokens must be positive")
+    if n_ctx < 16:
+        raise ValueError("--ctx must be at least 16")
+    rope = RopeSpec.from_gguf(model_path)   # refuses architectures without a supported RoPE, clearly
+    fingerprint = model_fingerprint(model_path)
+    model = Model(model_path, n_gpu_layers=n_gpu_layers)
+    try:
+        if text is None:
+            text = default_text()
+        if not text.strip():
+            raise ValueError("the calibration text is empty")
+        tokens = model.tokenize(text, add_bos=False)[:max_tokens]
+        if not tokens:
+            raise ValueError("the calibration text produced no tokens")
+        bos = model._lc.llama_vocab_bos(model.vocab)
+        add_bos = bool(model._lc.llama_vocab_get_add_bos(model.vocab)) and bos >= 0
+        windows = token_windows(tokens, n_ctx, bos if add_bos else None)
+        total = sum(len(w) for w in windows)
+        res = capture(model, windows, n_ctx=n_ctx, n_threads=n_threads, progress=progress, total=total)
+        n_head_kv = model._lc.llama_model_n_head_kv(model.ptr)
+        head_dim = rope.head_dim
+    finally:
+        model.close()
+    cal = Calibration(res.q_mean, res.q_abs_mean, rope, n_head_kv=n_head_kv, head_dim=head_dim,
+                      calib_tokens=res.n_tokens, calib_source=source, model_fingerprint=fingerprint)
+    return cal, res
+
+
+def merge(calibrations: Sequence) -> "object":
+    """Merge statistics of the same model from several runs, weighted by their token counts."""
+    from .core import Calibration
+
+    if not calibrations:
+        raise ValueError("nothing to merge")
+    first = calibrations[0]
+    for c in calibrations[1:]:
+        if c.model_fingerprint != first.model_fingerprint:
+            raise ValueError(f"cannot merge statistics of different models: {first.model_fingerprint} "
+                             f"and {c.model_fingerprint}")
+        if c.q_mean.shape != first.q_mean.shape:
+            raise ValueError(f"cannot merge statistics of different shapes: {first.q_mean.shape} "
+                             f"and {c.q_mean.shape}")
+    w = np.array([float(c.calib_tokens) for c in calibrations])
+    if w.sum() <= 0:
+        raise ValueError("the statistics to merge carry no token counts (triattention.calib_tokens)")
+    q_mean = sum(wi * c.q_mean.astype(np.complex128) for wi, c in zip(w, calibrations)) / w.sum()
+    q_abs = sum(wi * c.q_abs_mean.astype(np.float64) for wi, c in zip(w, calibrations)) / w.sum()
+    sources = []
+    for c in calibrations:
+        if c.calib_source not in sources:
+            sources.append(c.calib_source)
+    return Calibration(q_mean, q_abs, first.rope, n_head_kv=first.n_head_kv, head_dim=first.head_dim,
+                       calib_tokens=int(w.sum()), calib_source=" + ".join(sources),
+                       model_fingerprint=first.model_fingerprint)
