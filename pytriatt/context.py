@@ -46,7 +46,10 @@ def _quiet_logs(lc) -> None:
 class Model:
     """A GGUF model loaded through llama.cpp."""
 
-    def __init__(self, path: str | os.PathLike, n_gpu_layers: int = 0):
+    def __init__(self, path: str | os.PathLike, n_gpu_layers: Optional[int] = None):
+        # default: $PYTRIATT_N_GPU_LAYERS, else 0 (CPU); lets the test suite run offloaded on a GPU machine
+        if n_gpu_layers is None:
+            n_gpu_layers = int(os.environ.get("PYTRIATT_N_GPU_LAYERS", "0"))
         global _backend_ready
         lc = _llama_cpp()
         path = Path(path)

@@ -112,3 +112,67 @@ def test_merging_two_half_runs_equals_one_full_run(tiny_gguf):
                         calib_source="t", model_fingerprint="another model")
     with pytest.raises(ValueError, match="different models"):
         merge([cal(a), other])
+
+
+def _python_capture(path, windows):
+    """An independent capture: a Python eval callback reads every layer's query RoPE input."""
+    from test_core_rope_exact import _GgmlTensor, _ggml, _read
+
+    from pytriatt import _llama
+    from pytriatt.context import Context
+
+    lc = _llama.require_patched()
+    lib = _ggml()
+    staged, sums = {}, {}
+
+    @lc.ggml_backend_sched_eval_callback
+    def cb(ptr, ask, user_data):
+        t = _GgmlTensor.from_address(ptr)
+        name = t.name.decode()
+        if not name.startswith("Qcur"):
+            return not ask
+        if ask:
+            return True
+        if lib.ggml_op_desc(ptr) != b"ROPE":
+            staged[t.data] = _read(lib, ptr)      # the ROPE may overwrite its input: copy it now
+            return True
+        src = _GgmlTensor.from_address(t.src[0])
+        q = staged[src.data].reshape(-1, src.ne[1], src.ne[0])   # [tokens, n_head, head_dim]
+        n_rot, mode = t.op_params[1], t.op_params[2]
+        F = n_rot // 2
+        z = (q[..., :F] + 1j * q[..., F:2 * F]) if mode & 2 else (q[..., 0:n_rot:2] + 1j * q[..., 1:n_rot:2])
+        il = int(name.split("-")[1])
+        s = sums.setdefault(il, [0, 0.0, 0.0])
+        s[0] += z.shape[0]
+        s[1] = s[1] + z.sum(axis=0)
+        s[2] = s[2] + np.abs(z).sum(axis=0)
+        return True
+
+    model = Model(path)
+    with Context(model, n_ctx=1024, n_batch=256, cb_eval=cb) as ctx:
+        for w in windows:
+            ctx.clear()
+            for s0 in range(0, len(w), 256):
+                ctx.decode(w[s0:s0 + 256], pos0=s0, logits="none")
+    model.close()
+    L = max(sums) + 1
+    return (np.stack([sums[l][1] / sums[l][0] for l in range(L)]),
+            np.stack([sums[l][2] / sums[l][0] for l in range(L)]), sums[0][0])
+
+
+@pytest.mark.real
+def test_smollm2_statistics_agree_with_an_independent_python_capture(smollm2_path):
+    from pytriatt.calibrate import default_text
+
+    model = Model(smollm2_path)
+    toks = model.tokenize(default_text(), add_bos=False)[:2046]
+    windows = token_windows(toks, 1024, model._lc.llama_vocab_bos(model.vocab))
+    res = capture(model, windows, n_ctx=1024, n_batch=256, progress=False)
+    model.close()
+    want_mean, want_abs, n = _python_capture(smollm2_path, windows)
+
+    assert res.n_tokens == n == 2048
+    assert res.q_mean.shape == want_mean.shape == (30, 9, 32)
+    scale = np.abs(want_abs).max(axis=-1, keepdims=True)   # per layer and head
+    assert (np.abs(res.q_mean - want_mean) / scale).max() <= 1e-3
+    assert (np.abs(res.q_abs_mean - want_abs) / scale).max() <= 1e-3
