@@ -18,6 +18,9 @@ from . import _llama
 
 _backend_ready = False
 
+# ggml_type values of the K/V cache types llama.cpp offers
+_GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
+
 
 def _llama_cpp():
     return _llama.require_patched()
@@ -99,7 +102,7 @@ class Context:
 
     def __init__(self, model: Model, n_ctx: int = 512, n_batch: int = 512, n_seq_max: int = 1,
                  n_threads: Optional[int] = None, cb_eval=None, cb_eval_user_data=None,
-                 kv_unified: bool = True):
+                 kv_unified: bool = True, type_k: Optional[str] = None, type_v: Optional[str] = None):
         lc = model._lc
         params = lc.llama_context_default_params()
         params.n_ctx = n_ctx
@@ -110,6 +113,9 @@ class Context:
         nt = n_threads or _llama.default_threads()
         params.n_threads = nt
         params.n_threads_batch = nt
+        for name, t in (("type_k", type_k), ("type_v", type_v)):
+            if t is not None:
+                setattr(params, name, _GGML_TYPES[t])
         if cb_eval is not None:
             params.cb_eval = cb_eval
             params.cb_eval_user_data = cb_eval_user_data
@@ -123,6 +129,32 @@ class Context:
         self.memory = lc.llama_get_memory(self.ctx_ptr)
         self._lc = lc
         self._batch = lc.llama_batch_init(n_batch, 0, 1)
+
+    def set_kv_policy(self, policy: str = "tri", budget: int = 2048, *, interval: int = 128, sink: int = 0,
+                      window: int = 1, protect_prompt: bool = False, kv_agg: str = "max", seed: int = 0,
+                      calib: Optional[str | os.PathLike] = None, n_threads: int = 0) -> None:
+        """Attach an eviction policy ("full", "tri", "streaming", "random") run inside llama_decode.
+
+        tri needs `calib`: a GGUF carrying this model's statistics (default: the model file itself)."""
+        lc = _llama.require_patched("kv policy")
+        types = {"full": lc.LLAMA_KV_POLICY_FULL, "tri": lc.LLAMA_KV_POLICY_TRI,
+                 "streaming": lc.LLAMA_KV_POLICY_STREAMING, "random": lc.LLAMA_KV_POLICY_RANDOM}
+        if policy not in types:
+            raise ValueError(f"policy must be one of {', '.join(types)}, got {policy!r}")
+        if kv_agg not in ("max", "mean"):
+            raise ValueError("kv_agg must be 'max' or 'mean'")
+        p = lc.llama_kv_policy_default_params()
+        p.type, p.budget, p.interval = types[policy], budget, interval
+        p.n_sink, p.n_window, p.protect_prompt = sink, window, protect_prompt
+        p.kv_agg_mean, p.seed, p.n_threads = kv_agg == "mean", seed & 0xFFFFFFFF, n_threads
+        self._calib_path = str(calib if calib is not None else self.model.path).encode()
+        p.calib_path = self._calib_path
+        if lc.llama_set_kv_policy(self.ctx_ptr, ctypes.byref(p)) != 0:
+            raise ValueError(lc.llama_kv_policy_last_error().decode())
+
+    def kv_policy_stats(self, seq_id: int = 0) -> dict:
+        st = self._lc.llama_get_kv_policy_stats(self.ctx_ptr, seq_id)
+        return {k: getattr(st, k) for k, _ in st._fields_}
 
     def pos_max(self, seq_id: int = 0) -> int:
         return self._lc.llama_memory_seq_pos_max(self.memory, seq_id)

@@ -24,8 +24,12 @@ echo "CUDA build of the patched llama-cpp-python: $((SECONDS - t0)) s" | tee "$o
 pip install -q --no-build-isolation --no-deps -e . > /dev/null
 python -m pytriatt doctor | tee -a "$out/summary.txt" || true
 
-# every layer on the GPU: K/V caches and the queries the capture reads live in device memory
-PYTRIATT_N_GPU_LAYERS=99 python -m pytest -q -p no:cacheprovider -m "not real" \
-  tests/test_memory_positions.py tests/test_calibrate.py 2>&1 | tail -15 | tee -a "$out/summary.txt"
+# every layer on the GPU: K/V caches and the queries the capture reads live in device memory.
+# libllama is loaded before numpy: on the H200 image, importing numpy first made the CUDA build
+# crash inside llama_model_load_from_file (docs/gpu-check.md)
+PYTRIATT_N_GPU_LAYERS=99 python -c "
+import llama_cpp, sys, pytest
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', 'not real',
+                      'tests/test_memory_positions.py', 'tests/test_calibrate.py']))" 2>&1 | tail -15 | tee -a "$out/summary.txt"
 
-python tools/bench_core.py --threads 1 2 4 8 16 --key-types f32 f16 --repeat 10 2>&1 | tee "$out/bench_core.txt"
+python tools/bench_core.py --threads 1 2 4 8 16 --key-types f32 f16 --repeat 5 2>&1 | tee "$out/bench_core.txt"

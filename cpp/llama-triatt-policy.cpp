@@ -1,0 +1,415 @@
+// llama-triatt-policy.cpp: the KV eviction policy glue between llama.cpp and the TriAttention core.
+// See llama-triatt-policy.h. The algorithm (scoring, ranking) lives in triatt-*.cpp.
+
+#include "llama-triatt-policy.h"
+
+#include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache.h"
+#include "llama-model.h"
+
+#include "ggml-backend.h"
+#include "gguf.h"
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+
+static thread_local std::string g_kv_policy_error;
+
+static double triatt_now_ms() {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// the cache holding the full-attention layers: the plain cache, or the base of the SWA pair
+static llama_kv_cache * triatt_full_cache(llama_context & ctx) {
+    llama_memory_i * mem = ctx.get_memory();
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return kv;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    return nullptr;
+}
+
+// read the triattention.* statistics of a GGUF file into cal (shape fields must already be set)
+static bool triatt_read_calib(const char * path, const llama_model & model, triatt_calib & cal, std::string & err) {
+    gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ nullptr };
+    gguf_context * g = gguf_init_from_file(path, gp);
+    if (!g) {
+        err = std::string("cannot read ") + path + " as GGUF";
+        return false;
+    }
+    auto u32 = [&](const char * key, uint32_t & out) {
+        const int64_t id = gguf_find_key(g, key);
+        if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32) {
+            return false;
+        }
+        out = gguf_get_val_u32(g, id);
+        return true;
+    };
+    bool ok = true;
+    uint32_t version = 0, n_layer = 0, n_head = 0, n_freq = 0;
+    if (!u32("triattention.version", version) || !u32("triattention.n_layer", n_layer) ||
+        !u32("triattention.n_head", n_head) || !u32("triattention.n_freq", n_freq)) {
+        err = std::string(path) + " carries no TriAttention statistics (triattention.* metadata); "
+              "add them with: pytriatt calibrate MODEL -o OUT.gguf";
+        ok = false;
+    } else if (version != TRIATT_CALIB_VERSION) {
+        err = std::string(path) + ": unsupported triattention.version " + std::to_string(version);
+        ok = false;
+    } else if ((int32_t) n_layer != cal.n_layer || (int32_t) n_head != cal.n_head || (int32_t) n_freq > cal.head_dim / 2) {
+        err = std::string(path) + " holds statistics for another model shape (" + std::to_string(n_layer) + " layers, " +
+              std::to_string(n_head) + " heads; this model has " + std::to_string(cal.n_layer) + ", " +
+              std::to_string(cal.n_head) + "): calibrate this model";
+        ok = false;
+    }
+    // the statistics must belong to this model: same architecture and name
+    for (const char * key : { "general.architecture", "general.name" }) {
+        if (!ok) {
+            break;
+        }
+        const int64_t id = gguf_find_key(g, key);
+        char buf[256] = { 0 };
+        const int32_t n = llama_model_meta_val_str(&model, key, buf, sizeof(buf));
+        const std::string mine = n >= 0 ? buf : "";
+        const std::string theirs = (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_STRING) ? gguf_get_val_str(g, id) : "";
+        if (mine != theirs) {
+            err = std::string(path) + " holds statistics of another model (" + key + " '" + theirs + "', this model: '" +
+                  mine + "'): calibrate this model";
+            ok = false;
+        }
+    }
+    const size_t n = (size_t) n_layer * n_head * n_freq;
+    auto arr = [&](const char * key, std::vector<float> & out) {
+        const int64_t id = gguf_find_key(g, key);
+        if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(g, id) != GGUF_TYPE_FLOAT32 ||
+            gguf_get_arr_n(g, id) != n) {
+            err = std::string(path) + ": " + key + " is missing or not " + std::to_string(n) + " float32 values";
+            return false;
+        }
+        const float * d = (const float *) gguf_get_arr_data(g, id);
+        out.assign(d, d + n);
+        for (float v : out) {
+            if (!std::isfinite(v)) {
+                err = std::string(path) + ": " + key + " holds non-finite values";
+                return false;
+            }
+        }
+        return true;
+    };
+    if (ok) {
+        cal.n_freq = (int32_t) n_freq;
+        ok = arr("triattention.q_mean_real", cal.q_mean_re) && arr("triattention.q_mean_imag", cal.q_mean_im) &&
+             arr("triattention.q_abs_mean", cal.q_abs_mean);
+    }
+    gguf_free(g);
+    return ok;
+}
+
+llama_kv_policy::~llama_kv_policy() {
+    triatt_scorer_free(scorer);
+    triatt_selector_free(selector);
+}
+
+bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p) {
+    params = p;
+    if (p.type == LLAMA_KV_POLICY_FULL) {
+        return true;
+    }
+    if (p.type != LLAMA_KV_POLICY_TRI && p.type != LLAMA_KV_POLICY_STREAMING && p.type != LLAMA_KV_POLICY_RANDOM) {
+        error = "unknown KV policy type " + std::to_string((int) p.type);
+        return false;
+    }
+    if (p.budget < 1 || p.interval < 1 || p.n_sink < 0 || p.n_window < 0) {
+        error = "KV policy: budget and interval must be >= 1, sink and window >= 0";
+        return false;
+    }
+    if (p.n_sink + std::max(p.n_window, 1) > p.budget) {
+        error = "KV policy: the protected tokens (sink " + std::to_string(p.n_sink) + " + window " +
+                std::to_string(std::max(p.n_window, 1)) + ") exceed the budget " + std::to_string(p.budget);
+        return false;
+    }
+    llama_kv_cache * kv = triatt_full_cache(ctx);
+    if (!kv) {
+        error = "KV policy: this model's memory is not a KV cache (recurrent or hybrid): token eviction does not apply";
+        return false;
+    }
+    for (uint32_t il : kv->get_layer_ids()) {
+        layers.push_back((int32_t) il);
+    }
+    selector = triatt_selector_init();
+    if (p.type != LLAMA_KV_POLICY_TRI) {
+        return true;
+    }
+
+    // TRI: statistics + the RoPE of each scored layer, exactly as the graph applies it
+    const llama_model   & model   = ctx.get_model();
+    const llama_cparams & cparams = ctx.get_cparams();
+    const auto & hp = model.hparams;
+    const ggml_type tk = kv->type_k();
+    if (tk != GGML_TYPE_F32 && tk != GGML_TYPE_F16 && tk != GGML_TYPE_BF16) {
+        error = std::string("KV policy tri: K cache type ") + ggml_type_name(tk) + " is not supported yet (use f16, bf16 or f32)";
+        return false;
+    }
+    const int rope_type = llama_model_rope_type(&model);
+    if (rope_type != LLAMA_ROPE_TYPE_NORM && rope_type != LLAMA_ROPE_TYPE_NEOX) {
+        error = "KV policy tri: the model's RoPE type is not supported (TriAttention needs NORM or NEOX RoPE)";
+        return false;
+    }
+    calib.n_layer   = (int32_t) hp.n_layer();
+    calib.n_head    = (int32_t) hp.n_head(0);
+    calib.n_head_kv = (int32_t) hp.n_head_kv(0);
+    calib.head_dim  = (int32_t) hp.n_embd_head_k(0);
+    calib.pairing   = rope_type == LLAMA_ROPE_TYPE_NEOX ? TRIATT_PAIRING_NEOX : TRIATT_PAIRING_NORM;
+    if (!p.calib_path || !*p.calib_path) {
+        error = "KV policy tri needs calib_path: a GGUF carrying triattention.* statistics (pytriatt calibrate)";
+        return false;
+    }
+    if (!triatt_read_calib(p.calib_path, model, calib, error)) {
+        return false;
+    }
+    calib.rope.resize(calib.n_layer);
+    calib.has_kv.assign(calib.n_layer, 0);
+    for (int32_t il : layers) {
+        calib.has_kv[il] = 1;
+    }
+    for (int32_t il = 0; il < calib.n_layer; ++il) {
+        triatt_rope_layer & rl = calib.rope[il];
+        rl.n_rot       = (int32_t) hp.n_rot(il);
+        rl.freq_base   = model.get_rope_freq_base(cparams, il);
+        rl.freq_scale  = model.get_rope_freq_scale(cparams, il);
+        rl.ext_factor  = cparams.yarn_ext_factor;
+        rl.attn_factor = cparams.yarn_attn_factor;
+        rl.beta_fast   = cparams.yarn_beta_fast;
+        rl.beta_slow   = cparams.yarn_beta_slow;
+        rl.n_ctx_orig  = (int32_t) cparams.n_ctx_orig_yarn;
+        if (ggml_tensor * ff = model.get_rope_factors(cparams, il)) {
+            rl.freq_factors.resize(ggml_nelements(ff));
+            ggml_backend_tensor_get(ff, rl.freq_factors.data(), 0, ggml_nbytes(ff));
+        }
+    }
+    if (!triatt_calib_check(calib, error)) {
+        error = "KV policy tri: " + error;
+        return false;
+    }
+    scorer = triatt_scorer_init(&calib);
+    return scorer != nullptr;
+}
+
+bool llama_kv_policy::before_batch(llama_context & ctx, const llama_batch_allocr & balloc) {
+    if (params.type == LLAMA_KV_POLICY_FULL) {
+        return true;
+    }
+    llama_memory_i * mem = ctx.get_memory();
+    for (llama_seq_id s = 0; s < (llama_seq_id) LLAMA_MAX_SEQ; ++s) {
+        const llama_pos b0 = balloc.seq_pos_min(s);
+        if (b0 < 0) {
+            continue;
+        }
+        const llama_pos n_in = balloc.seq_pos_max(s) - b0 + 1;
+        const llama_pos pos_max = mem->seq_pos_max(s);
+        if (pos_max < 0) {
+            prompt_len[s] = balloc.seq_pos_max(s) + 1; // a fresh sequence: this batch is its prompt
+            continue;
+        }
+        const int32_t n_cached = mem->seq_positions(s, nullptr, 0);
+        if (n_cached + n_in > params.budget + params.interval && n_cached > params.budget) {
+            if (!round(ctx, s, pos_max)) {
+                return false;
+            }
+        }
+    }
+    return true;
+}
+
+bool llama_kv_policy::score_layers(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t,
+                                   uint32_t n_cells) {
+    const int32_t n_head = calib.n_head;
+    triatt_score_params sp;
+    sp.n_threads = params.n_threads > 0 ? params.n_threads : (int32_t) ctx.n_threads();
+    scores.resize((size_t) layers.size() * n_cells * n_head);
+    const uint32_t stream = kv.get_stream(seq_id);
+    for (size_t li = 0; li < layers.size(); ++li) {
+        ggml_tensor * k = kv.get_k_storage(layers[li]);
+        const size_t row_bytes = k->nb[1];
+        const uint8_t * base = nullptr;
+        if (k->buffer && ggml_backend_buffer_is_host(k->buffer)) {
+            base = (const uint8_t *) k->data + stream * k->nb[2];
+        } else {
+            // K lives in device memory: bring the used rows to the host (TODO: score on the device)
+            k_host.resize(row_bytes * n_cells);
+            ggml_backend_tensor_get(k, k_host.data(), stream * k->nb[2], row_bytes * n_cells);
+            base = k_host.data();
+        }
+        const void * keys = base;
+        triatt_key_type kt = TRIATT_KEY_F16;
+        int64_t stride = (int64_t) (row_bytes / ggml_type_size(k->type));
+        if (k->type == GGML_TYPE_F32) {
+            kt = TRIATT_KEY_F32;
+        } else if (k->type == GGML_TYPE_BF16) {
+            const int64_t ne0 = k->ne[0];
+            k_f32.resize((size_t) ne0 * n_cells);
+            for (uint32_t i = 0; i < n_cells; ++i) {
+                ggml_bf16_to_fp32_row((const ggml_bf16_t *) (base + i * row_bytes), k_f32.data() + (size_t) i * ne0, ne0);
+            }
+            keys = k_f32.data();
+            kt = TRIATT_KEY_F32;
+            stride = ne0;
+        }
+        std::string err;
+        if (!triatt_score_layer(scorer, layers[li], keys, kt, n_cells, stride, t, sp,
+                                scores.data() + li * (size_t) n_cells * n_head, &err)) {
+            error = "KV policy tri: scoring layer " + std::to_string(layers[li]) + " failed: " + err;
+            return false;
+        }
+    }
+    return true;
+}
+
+bool llama_kv_policy::round(llama_context & ctx, llama_seq_id seq_id, llama_pos pos_max) {
+    const double t0 = triatt_now_ms();
+    llama_kv_cache * kv = triatt_full_cache(ctx);
+    const llama_kv_cells & cells = kv->get_cells(seq_id);
+
+    cand_pos.clear();
+    cand_cell.clear();
+    for (const auto & [p, idx] : cells.seq_pos_get(seq_id)) {
+        cand_pos.push_back(p);
+        cand_cell.push_back(idx);
+    }
+    const int64_t n = (int64_t) cand_pos.size();
+
+    triatt_select_params sel;
+    sel.budget     = params.budget;
+    sel.n_sink     = params.n_sink;
+    sel.n_window   = std::max(params.n_window, 1); // the newest token must stay: the next batch continues from it
+    sel.prompt_len = params.protect_prompt ? prompt_len[seq_id] : 0;
+    sel.seed       = params.seed;
+    sel.kv_agg     = params.kv_agg_mean ? TRIATT_KV_AGG_MEAN : TRIATT_KV_AGG_MAX;
+
+    layer_ptrs.clear();
+    if (params.type == LLAMA_KV_POLICY_TRI) {
+        sel.policy = TRIATT_POLICY_TRIATTENTION;
+        // score every used cell in cell order (zero-copy rows), then gather the candidates' rows
+        const uint32_t n_cells = cells.used_max_p1();
+        if (!score_layers(ctx, *kv, seq_id, pos_max, n_cells)) {
+            return false;
+        }
+        const int32_t n_head = calib.n_head;
+        cand_scores.resize(layers.size() * (size_t) n * n_head);
+        for (size_t li = 0; li < layers.size(); ++li) {
+            const float * src = scores.data() + li * (size_t) n_cells * n_head;
+            float * dst = cand_scores.data() + li * (size_t) n * n_head;
+            for (int64_t i = 0; i < n; ++i) {
+                memcpy(dst + i * n_head, src + (size_t) cand_cell[i] * n_head, n_head * sizeof(float));
+            }
+            layer_ptrs.push_back(dst);
+        }
+    } else {
+        sel.policy = params.type == LLAMA_KV_POLICY_STREAMING ? TRIATT_POLICY_STREAMING : TRIATT_POLICY_RANDOM;
+    }
+    const double t1 = triatt_now_ms();
+
+    keep.resize(n);
+    std::string err;
+    const int64_t n_keep = triatt_select(selector, sel, n, cand_pos.data(), layer_ptrs.data(), (int32_t) layer_ptrs.size(),
+                                         calib.n_head, calib.n_head_kv, keep.data(), &err);
+    if (n_keep < 0) {
+        error = "KV policy: " + err;
+        return false;
+    }
+    // keep[] is ascending: evict the candidates it skips
+    evict.clear();
+    for (int64_t i = 0, k = 0; i < n; ++i) {
+        if (k < n_keep && keep[k] == i) {
+            ++k;
+        } else {
+            evict.push_back(cand_pos[i]);
+        }
+    }
+    const int32_t n_rm = llama_memory_seq_rm_positions(ctx.get_memory(), seq_id, evict.data(), (int32_t) evict.size());
+    if (n_rm < 0) {
+        error = "KV policy: removing the evicted tokens failed";
+        return false;
+    }
+    const double t2 = triatt_now_ms();
+    stats.n_rounds++;
+    stats.n_evicted += (uint64_t) n_rm;
+    stats.t_score_ms += t1 - t0;
+    stats.t_evict_ms += t2 - t1;
+    return true;
+}
+
+//
+// glue called by llama_context
+//
+
+void llama_kv_policy_free_impl(llama_kv_policy * policy) {
+    delete policy;
+}
+
+bool llama_kv_policy_before_batch(llama_kv_policy * policy, llama_context & ctx, const llama_batch_allocr & balloc) {
+    if (!policy->before_batch(ctx, balloc)) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, policy->error.c_str());
+        return false;
+    }
+    return true;
+}
+
+//
+// C API
+//
+
+struct llama_kv_policy_params llama_kv_policy_default_params(void) {
+    llama_kv_policy_params p = {};
+    p.type           = LLAMA_KV_POLICY_FULL;
+    p.budget         = 2048;
+    p.interval       = 128;
+    p.n_sink         = 0;
+    p.n_window       = 1;
+    p.protect_prompt = false;
+    p.kv_agg_mean    = false;
+    p.seed           = 0;
+    p.n_threads      = 0;
+    p.calib_path     = nullptr;
+    return p;
+}
+
+int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_policy_params * params) {
+    g_kv_policy_error.clear();
+    if (!ctx || !params) {
+        g_kv_policy_error = "llama_set_kv_policy: null context or params";
+        return -1;
+    }
+    auto * policy = new llama_kv_policy;
+    if (!policy->init(*ctx, *params)) {
+        g_kv_policy_error = policy->error;
+        delete policy;
+        return -1;
+    }
+    llama_kv_policy_free_impl(ctx->kv_policy);
+    ctx->kv_policy = params->type == LLAMA_KV_POLICY_FULL ? (delete policy, nullptr) : policy;
+    return 0;
+}
+
+const char * llama_kv_policy_last_error(void) {
+    return g_kv_policy_error.c_str();
+}
+
+struct llama_kv_policy_stats llama_get_kv_policy_stats(const struct llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_policy_stats st = {};
+    if (!ctx) {
+        return st;
+    }
+    if (ctx->kv_policy) {
+        st = ctx->kv_policy->stats;
+    }
+    llama_memory_t mem = ctx->get_memory();
+    st.n_cells_used = mem ? llama_memory_seq_positions(mem, seq_id, nullptr, 0) : 0;
+    st.n_cells      = (int32_t) llama_n_ctx(ctx);
+    return st;
+}

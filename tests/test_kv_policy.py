@@ -1,0 +1,196 @@
+"""Specification of KV eviction inside llama_decode (llama_set_kv_policy, cpp/llama-triatt-policy.cpp).
+
+Before each batch, a sequence whose cached + incoming tokens would exceed budget + interval
+is pruned back to the budget: kept tokens keep their positions, the newest token stays, and
+the tokens kept are exactly the ones the policy selects (checked against the Python API of
+the same core on keys captured from llama.cpp's graph).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import pytest
+
+from pytriatt.context import Context, Model
+
+BUDGET, INTERVAL = 64, 16
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    """calibrated(arch) -> a tiny model of that architecture carrying its own TriAttention statistics."""
+    from pytriatt import gguf_io
+    from pytriatt.calibrate import calibrate
+    from pytriatt.tiny import write_tiny_gguf
+
+    made = {}
+
+    def make(arch):
+        if arch not in made:
+            d = tmp_path_factory.mktemp(f"cal-{arch}")
+            src = write_tiny_gguf(d / "model.gguf", arch=arch)
+            cal, _ = calibrate(src, max_tokens=1500, n_ctx=512, progress=False)
+            made[arch] = d / "model.tri.gguf"
+            gguf_io.write_with_metadata(src, made[arch], cal.gguf_fields())
+        return made[arch]
+
+    return make
+
+
+def _tokens(n, seed):
+    return np.random.default_rng(seed).integers(3, 1500, size=n).tolist()
+
+
+def test_streaming_keeps_exactly_the_sink_and_the_most_recent_tokens(tiny_gguf):
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=256, n_batch=64) as ctx:
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL, sink=4)
+        expected: list[int] = []
+        for step, n_in in enumerate([50, 10, 10, 7, 1, 1, 30, 5] * 6):
+            if len(expected) + n_in > BUDGET + INTERVAL and len(expected) > BUDGET:
+                expected = expected[:4] + expected[-(BUDGET - 4):]
+            p0 = ctx.pos_max(0) + 1
+            ctx.decode(_tokens(n_in, step), logits="none")
+            expected += list(range(p0, p0 + n_in))
+            assert ctx.positions(0).tolist() == expected
+        st = ctx.kv_policy_stats()
+        assert st["n_rounds"] > 0
+        assert st["n_evicted"] == ctx.pos_max(0) + 1 - len(expected)
+
+
+@pytest.mark.parametrize("policy", ["tri", "streaming", "random"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_the_cache_stays_within_budget_plus_interval_and_decoding_goes_on(calibrated, arch, policy):
+    m = Model(calibrated(arch))
+    with Context(m, n_ctx=BUDGET + 64, n_batch=64) as ctx:
+        ctx.set_kv_policy(policy, BUDGET, interval=INTERVAL, sink=2, window=4)
+        n_total = 0
+        for step in range(120):
+            n_in = 1 if step % 3 else 5
+            logits = ctx.decode(_tokens(n_in, step))
+            n_total += n_in
+            held = ctx.positions(0)
+            assert held.size <= BUDGET + INTERVAL
+            assert held[-1] == n_total - 1                  # the newest token is always there
+            assert np.isfinite(logits).all()
+        st = ctx.kv_policy_stats()
+        assert st["n_evicted"] == n_total - held.size       # the counters add up
+        assert st["n_cells_used"] == held.size and st["n_cells"] == ctx.n_ctx == 256   # llama.cpp pads to 256
+        assert held[:2].tolist() == [0, 1]                  # the sink is kept
+
+
+def test_random_is_reproducible_with_its_seed(tiny_gguf):
+    m = Model(tiny_gguf("qwen2"))
+    kept = []
+    for seed in (7, 7, 8):
+        with Context(m, n_ctx=256, n_batch=64) as ctx:
+            ctx.set_kv_policy("random", BUDGET, interval=INTERVAL, seed=seed)
+            for step in range(40):
+                ctx.decode(_tokens(4, step), logits="none")
+            kept.append(ctx.positions(0).tolist())
+    assert kept[0] == kept[1] and kept[0] != kept[2]
+
+
+def _capture_keys():
+    """An eval callback storing every layer's post-RoPE keys by position, as llama.cpp caches them."""
+    from test_core_rope_exact import _GgmlTensor, _ggml, _read
+
+    from pytriatt import _llama
+
+    lc = _llama.require_patched()
+    lib = _ggml()
+    keys: dict = {}
+
+    @lc.ggml_backend_sched_eval_callback
+    def cb(ptr, ask, user_data):
+        t = _GgmlTensor.from_address(ptr)
+        name = t.name.decode()
+        if not (name.startswith("Kcur-") and lib.ggml_op_desc(ptr) == b"ROPE"):
+            return not ask
+        if ask:
+            return True
+        post = _read(lib, ptr)[0]                         # [n_tokens, n_head_kv, head_dim]
+        pos = _read(lib, t.src[1]).ravel()[: post.shape[0]]
+        layer = keys.setdefault(int(name.split("-")[1]), {})
+        for p, k in zip(pos.tolist(), post):
+            layer[int(p)] = k.astype(np.float32)
+        return True
+
+    return cb, keys
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_tri_evicts_exactly_what_the_core_selects_from_the_cached_keys(calibrated, arch):
+    from pytriatt.core import Calibration, select
+
+    path = calibrated(arch)
+    cal = Calibration.from_gguf(path)
+    cb, keys = _capture_keys()
+    m = Model(path)
+    with Context(m, n_ctx=BUDGET + 64, n_batch=64, n_threads=1, cb_eval=cb, type_k="f32") as ctx:
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=2, window=4, n_threads=1)
+        held = np.zeros(0, np.int64)
+        rounds = 0
+        for step, n_in in enumerate([60, 3, 9, 1, 1, 1, 12, 2, 5] * 4):
+            if held.size + n_in > BUDGET + INTERVAL and held.size > BUDGET:
+                t = int(held.max())
+                raw = [cal.score(l, np.stack([keys[l][p] for p in held]), held, t) for l in sorted(keys)]
+                held = select("tri", raw, held, t, BUDGET, sink=2, window=4, n_head_kv=cal.n_head_kv).astype(np.int64)
+                rounds += 1
+            p0 = ctx.pos_max(0) + 1
+            ctx.decode(_tokens(n_in, 100 + step), logits="none")
+            held = np.concatenate([held, np.arange(p0, p0 + n_in)])
+            assert ctx.positions(0).tolist() == held.tolist(), f"after round {rounds}"
+        assert rounds >= 3 and ctx.kv_policy_stats()["n_rounds"] == rounds
+
+
+def test_sequences_are_pruned_independently(calibrated):
+    m = Model(calibrated("llama"))
+    with Context(m, n_ctx=256, n_batch=64, n_seq_max=2) as ctx:
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL)
+        ctx.decode(_tokens(40, 1), seq_id=1, logits="none")
+        for step in range(30):
+            ctx.decode(_tokens(4, step), seq_id=0, logits="none")
+        assert ctx.positions(1).tolist() == list(range(40))   # under budget: untouched
+        assert ctx.positions(0).size <= BUDGET + INTERVAL
+
+
+def test_bad_configurations_are_refused_clearly(tiny_gguf, calibrated, tmp_path):
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=256) as ctx:
+        with pytest.raises(ValueError, match="carries no TriAttention statistics"):
+            ctx.set_kv_policy("tri", BUDGET)
+        with pytest.raises(ValueError, match="exceed the budget"):
+            ctx.set_kv_policy("streaming", 8, sink=6, window=4)
+        with pytest.raises(ValueError, match="budget and interval must be >= 1"):
+            ctx.set_kv_policy("streaming", 0)
+        with pytest.raises(ValueError, match="policy must be one of"):
+            ctx.set_kv_policy("lru", BUDGET)
+    # statistics of another model
+    other = Model(tiny_gguf("qwen3"))
+    with Context(other, n_ctx=256) as ctx:
+        with pytest.raises(ValueError, match="another model"):
+            ctx.set_kv_policy("tri", BUDGET, calib=calibrated("llama"))
+    # a quantized K cache is not supported yet: said so, not silently wrong
+    mc = Model(tiny_gguf("llama", n_embd=128, n_head=4, n_ff=256))   # head_dim 32: q8_0 blocks fit
+    with Context(mc, n_ctx=256, type_k="q8_0") as ctx:
+        with pytest.raises(ValueError, match="not supported yet"):
+            ctx.set_kv_policy("tri", BUDGET)
+    # a recurrent model has no cells to evict
+    from pytriatt.tiny import write_tiny_mamba_gguf
+    mm = Model(write_tiny_mamba_gguf(tmp_path / "mamba.gguf"))
+    with Context(mm, n_ctx=256) as ctx:
+        with pytest.raises(ValueError, match="recurrent"):
+            ctx.set_kv_policy("streaming", BUDGET)
+
+
+def test_full_removes_the_policy(tiny_gguf):
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=512, n_batch=64) as ctx:
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL)
+        ctx.set_kv_policy("full")
+        for step in range(6):
+            ctx.decode(_tokens(40, step), logits="none")
+        assert ctx.positions(0).size == 240 and ctx.kv_policy_stats()["n_rounds"] == 0
