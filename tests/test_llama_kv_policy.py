@@ -1,0 +1,293 @@
+"""Specification of `llama_cpp.Llama(kv_policy=...)` and `pytriatt run --budget`: long generations in a fixed
+KV budget through llama-cpp-python's high-level API and the command line."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+
+import pytriatt
+from pytriatt import gguf_io
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+POLICIES = ["tri", "streaming", "random"]
+# small numbers so that tiny models run many eviction rounds in a fraction of a second
+BUDGET, INTERVAL, N_BATCH = 64, 32, 32
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_gguf):
+    return tiny_gguf("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny_cal(tiny, tmp_path_factory):
+    """The tiny llama with its TriAttention statistics embedded (a `pytriatt calibrate` result)."""
+    from pytriatt.calibrate import calibrate
+    cal, _ = calibrate(tiny, max_tokens=512, n_ctx=256, progress=False)
+    dst = tmp_path_factory.mktemp("cal") / "tiny-llama.tri.gguf"
+    gguf_io.write_with_metadata(tiny, dst, cal.gguf_fields())
+    return dst
+
+
+def make(path, policy="tri", **kw):
+    args = dict(n_ctx=2048, n_batch=N_BATCH, kv_policy=policy, kv_budget=BUDGET, kv_interval=INTERVAL,
+                verbose=False, seed=1)
+    args.update(kw)
+    return llama_cpp.Llama(str(path), **args)
+
+
+def generate(llm, tokens, n, used=None):
+    """n greedy tokens; appends the cached token count seen after each step to `used`."""
+    out = []
+    for tok in llm.generate(tokens, temp=0.0):
+        out.append(tok)
+        if used is not None:
+            used.append(llm.kv_policy_stats()["n_cells_used"])
+        if len(out) == n:
+            return out
+    return out
+
+
+def prompt_tokens(llm, words=8):
+    return llm.tokenize(b" ".join([b"the quick brown fox jumps over the lazy dog"] * words))
+
+
+# -- long generation in a fixed budget --------------------------------------------------
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_generation_far_beyond_the_budget_stays_within_budget_plus_interval(tiny_cal, policy):
+    llm = make(tiny_cal, policy)
+    prompt = llm.tokenize(b"hello")
+    used = []
+    out = generate(llm, prompt, 6 * BUDGET, used)
+    assert len(out) == 6 * BUDGET
+    assert llm.n_tokens == len(prompt) + len(out) - 1        # the last sampled token is not decoded yet
+    assert max(used) <= BUDGET + INTERVAL                       # after every step
+    st = llm.kv_policy_stats()
+    assert st["n_rounds"] >= 5 and st["n_evicted"] == llm.n_tokens - st["n_cells_used"]
+    assert st["policy"] == policy and st["budget"] == BUDGET and st["n_cells"] == llm.kv_cells
+    pos = pytriatt.seq_positions(llm, 0)
+    assert pos.size == st["n_cells_used"] and pos[-1] == llm.n_tokens - 1   # the newest token stays
+    assert list(pos[:4]) == [0, 1, 2, 3]                                    # kv_sink=4 by default
+    assert llm.kv_cells < llm.n_ctx()
+
+
+def test_a_prompt_longer_than_the_cache_is_prefilled_in_batches_with_eviction_between(tiny_cal):
+    llm = make(tiny_cal, n_ctx=4096)
+    prompt = prompt_tokens(llm, 60)
+    assert len(prompt) > 2 * llm.kv_cells                      # longer than the cells allocated
+    used = []
+    out = generate(llm, prompt, 20, used)
+    assert len(out) == 20
+    st = llm.kv_policy_stats()
+    assert st["n_rounds"] >= len(prompt) // (BUDGET + INTERVAL)  # rounds ran during the prefill
+    assert max(used) <= BUDGET + max(INTERVAL, N_BATCH)
+    # the high-level API accepts it too: only n_ctx (the longest sequence) limits a prompt
+    text = llm.detokenize(prompt[1:]).decode()
+    res = llm(text, max_tokens=8, temperature=0.0)
+    assert res["usage"]["prompt_tokens"] > 2 * llm.kv_cells
+    with pytest.raises(ValueError, match="exceed context window of 4096"):
+        llm(text * 4, max_tokens=8)
+
+
+def test_chat_and_streaming_completions_work_with_a_policy(tiny_cal):
+    llm = make(tiny_cal)
+    chunks = list(llm.create_chat_completion(messages=[{"role": "user", "content": "hello " * 100}],
+                                             max_tokens=2 * BUDGET, temperature=0.0, stream=True))
+    assert len(chunks) >= 2
+    assert llm.kv_policy_stats()["n_cells_used"] <= BUDGET + max(INTERVAL, N_BATCH)
+
+
+# -- sizes ------------------------------------------------------------------------------
+
+def test_n_ctx_is_the_longest_sequence_and_the_cache_is_sized_from_the_budget(tiny_cal):
+    llm = make(tiny_cal, n_ctx=8192, kv_budget=100, kv_interval=50, n_batch=64)
+    assert llm.n_ctx() == 8192 and llm.input_ids.shape == (8192,)
+    assert llm.kv_cells == 256                 # 100 + max(50, 64) = 164, rounded up to 256 by llama.cpp
+    assert llm.kv_policy_stats()["n_cells"] == 256 and llm.kv_policy_stats()["n_ctx"] == 8192
+    llm = make(tiny_cal, n_ctx=8192, kv_budget=1000, kv_interval=128, n_batch=512)
+    assert llm.kv_cells == 1536                # 1000 + 512
+    # never more cells than the longest sequence needs
+    llm = make(tiny_cal, n_ctx=512, kv_budget=2048)
+    assert llm.kv_cells == 512 and llm.n_ctx() == 512
+    # n_ctx=0: the model's trained context
+    llm = make(tiny_cal, n_ctx=0)
+    assert llm.n_ctx() == llm._model.n_ctx_train() and llm.kv_cells < llm.n_ctx()
+
+
+# -- full attention is stock llama-cpp-python -------------------------------------------
+
+def test_full_policy_is_exactly_stock_behaviour(tiny):
+    stock = llama_cpp.Llama(str(tiny), n_ctx=1024, verbose=False, seed=1)
+    prompt = prompt_tokens(stock)
+    ref = generate(stock, prompt, 200)
+    ref_text = stock("Once upon a time", max_tokens=32, temperature=0.0)["choices"][0]["text"]
+    for policy in ("full", None):
+        llm = llama_cpp.Llama(str(tiny), n_ctx=1024, verbose=False, seed=1, kv_policy=policy, kv_budget=16)
+        assert llm.kv_policy == "full" and llm.n_ctx() == stock.n_ctx() == llm.kv_cells
+        assert generate(llm, prompt, 200) == ref
+        assert llm("Once upon a time", max_tokens=32, temperature=0.0)["choices"][0]["text"] == ref_text
+        assert llm.kv_policy_stats()["n_rounds"] == 0
+
+
+def test_a_policy_that_never_fires_generates_the_same_tokens_as_full_attention(tiny_cal):
+    ref = generate(llama_cpp.Llama(str(tiny_cal), n_ctx=1024, verbose=False), prompt_tokens(make(tiny_cal)), 150)
+    llm = make(tiny_cal, n_ctx=1024, kv_budget=512, kv_interval=128)
+    assert generate(llm, prompt_tokens(llm), 150) == ref
+    assert llm.kv_policy_stats()["n_rounds"] == 0 and llm.kv_cells < 1024
+
+
+# -- errors -----------------------------------------------------------------------------
+
+def test_bad_policies_are_clear_value_errors(tiny, tiny_cal, tiny_gguf, tmp_path):
+    with pytest.raises(ValueError, match="carries no TriAttention statistics.*pytriatt calibrate"):
+        make(tiny, "tri")
+    with pytest.raises(ValueError, match="budget and interval must be >= 1"):
+        make(tiny_cal, "tri", kv_budget=0)
+    with pytest.raises(ValueError, match="budget and interval must be >= 1"):
+        make(tiny_cal, "streaming", kv_interval=0)
+    with pytest.raises(ValueError, match=r"protected tokens \(sink 60 \+ window 8\) exceed the budget 64"):
+        make(tiny_cal, "streaming", kv_sink=60, kv_window=8)
+    with pytest.raises(ValueError, match="kv_policy must be"):
+        make(tiny_cal, "h2o")
+    with pytest.raises(ValueError, match="embedding"):
+        make(tiny_cal, "streaming", embedding=True)
+    # the statistics of another model, given explicitly
+    from pytriatt.calibrate import calibrate
+    other = tiny_gguf("qwen3")
+    cal, _ = calibrate(other, max_tokens=256, n_ctx=128, progress=False)
+    gguf_io.write_with_metadata(other, tmp_path / "other.tri.gguf", cal.gguf_fields())
+    with pytest.raises(ValueError, match="another model"):
+        make(tiny, "tri", kv_calib=str(tmp_path / "other.tri.gguf"))
+    # ... and statistics given explicitly for an uncalibrated model file
+    assert make(tiny, "tri", kv_calib=str(tiny_cal)).kv_policy == "tri"
+
+
+# -- prefix reuse, reset, state ---------------------------------------------------------
+
+def count_evals(llm) -> list:
+    seen = []
+    orig = llm.eval
+    llm.eval = lambda tokens: (seen.append(len(tokens)), orig(tokens))[1]
+    return seen
+
+
+def test_the_same_prompt_twice_gives_the_same_completion_after_evictions(tiny_cal):
+    llm = make(tiny_cal)
+    fresh = make(tiny_cal)
+    text = "the quick brown fox " * 10
+    a = llm(text, max_tokens=3 * BUDGET, temperature=0.0)["choices"][0]["text"]
+    assert llm.kv_policy_stats()["n_rounds"] > 0
+    b = llm(text, max_tokens=3 * BUDGET, temperature=0.0)["choices"][0]["text"]
+    assert a == b == fresh(text, max_tokens=3 * BUDGET, temperature=0.0)["choices"][0]["text"]
+
+
+def test_a_prompt_diverging_before_the_latest_eviction_is_evaluated_afresh(tiny_cal):
+    llm = make(tiny_cal)
+    prompt = prompt_tokens(llm)
+    generate(llm, prompt, 3 * BUDGET)
+    other = prompt[:10] + llm.tokenize(b"something else entirely", add_bos=False)
+    evals = count_evals(llm)
+    got = generate(llm, other, 100)
+    assert evals[0] == len(other)                           # no prefix of the compressed cache reused
+    assert got == generate(make(tiny_cal), other, 100)
+
+
+def test_a_continuation_after_the_latest_eviction_reuses_the_compressed_cache(tiny_cal):
+    llm = make(tiny_cal)
+    prompt = prompt_tokens(llm)
+    out = generate(llm, prompt, 3 * BUDGET)
+    assert llm.kv_policy_stats()["n_rounds"] > 0
+    evals = count_evals(llm)
+    more = llm.tokenize(b" and then", add_bos=False)
+    generate(llm, prompt + out + more, 10)
+    assert evals[0] == 1 + len(more)          # only the unevaluated last token and the new ones
+
+
+def test_reset_starts_a_clean_sequence(tiny_cal):
+    llm = make(tiny_cal)
+    generate(llm, prompt_tokens(llm), 3 * BUDGET)
+    llm.reset()
+    assert llm.n_tokens == 0 and pytriatt.seq_positions(llm, 0).size == 0
+
+
+def test_save_and_load_state_with_a_compressed_cache(tiny_cal):
+    llm = make(tiny_cal)
+    prompt = prompt_tokens(llm)
+    out = generate(llm, prompt, 3 * BUDGET)
+    state = llm.save_state()
+    cached = pytriatt.seq_positions(llm, 0)
+    nxt = prompt + out + llm.tokenize(b" more", add_bos=False)
+    a = generate(llm, nxt, 50)
+    llm.load_state(state)
+    assert (pytriatt.seq_positions(llm, 0) == cached).all()
+    assert generate(llm, nxt, 50) == a
+
+
+def test_the_policy_survives_pickling(tiny_cal):
+    llm = make(tiny_cal, "streaming", n_ctx=4096, kv_budget=300)
+    clone = pickle.loads(pickle.dumps(llm))
+    assert (clone.kv_policy, clone.n_ctx(), clone.kv_cells) == ("streaming", 4096, llm.kv_cells)
+    assert clone.kv_policy_stats()["budget"] == 300
+
+
+# -- the command line -------------------------------------------------------------------
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pytriatt", *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("policy", ["streaming", "tri"])
+def test_cli_run_with_a_budget(tiny_cal, policy):
+    r = run_cli("run", str(tiny_cal), "--budget", "64", "--interval", "32", "--policy", policy, "-n", "200",
+                "--ignore-eos", "-p", "hello", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["n_generated"] == 200 and out["policy"] == policy and out["budget"] == 64
+    assert out["evictions"] >= 4 and out["tokens_evicted"] >= 4 * 32
+    assert out["kv_cells_peak"] <= 64 + 32 and out["kv_cells_used"] <= 64 + 32
+    assert out["kv_cells"] < out["n_ctx"] == 4096            # -c defaults to the trained context with --budget
+    assert out["score_ms"] >= 0 and out["evict_ms"] >= 0
+    # the human-readable summary
+    r = run_cli("run", str(tiny_cal), "--budget", "64", "--policy", policy, "-n", "200", "--ignore-eos", "-p", "hi")
+    assert r.returncode == 0, r.stderr
+    assert f"policy {policy}, budget 64" in r.stderr and "evictions" in r.stderr
+
+
+def test_cli_tri_is_the_default_policy_with_a_budget_and_needs_a_calibration(tiny, tiny_cal):
+    r = run_cli("run", str(tiny), "--budget", "64", "-n", "10")
+    assert r.returncode == 2
+    assert "carries no TriAttention calibration" in r.stderr and "pytriatt calibrate" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("run", str(tiny), "--budget", "64", "--calib", str(tiny_cal), "-n", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["policy"] == "tri"
+    r = run_cli("run", str(tiny), "--policy", "streaming", "-n", "10")
+    assert r.returncode == 2 and "needs --budget" in r.stderr
+    r = run_cli("run", str(tiny), "--policy", "streaming", "--budget", "0", "-n", "10")
+    assert r.returncode == 2 and "budget and interval must be >= 1" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+# -- a real model ------------------------------------------------------------------------
+
+@pytest.mark.real
+def test_smollm2_generates_400_tokens_in_a_budget_of_128(smollm2_path, tmp_path):
+    cal = tmp_path / "smollm2.tri.gguf"
+    r = run_cli("calibrate", "smollm2-135m", "-o", str(cal), "--tokens", "2048", "--ctx", "1024")
+    assert r.returncode == 0, r.stderr
+    llm = llama_cpp.Llama(str(cal), n_ctx=2048, kv_policy="tri", kv_budget=128, kv_interval=128, verbose=False)
+    prompt = llm.tokenize(b"Here is a long story about a dragon who learned to program computers.")
+    used = []
+    out = generate(llm, prompt, 400, used)
+    assert len(out) == 400 and max(used) <= 128 + 128
+    st = llm.kv_policy_stats()
+    assert st["n_rounds"] >= 2 and st["t_score_ms"] > 0
+    words = llm.detokenize(out).decode(errors="replace").split()
+    assert len(set(words)) > 20             # still text, not one token repeated
