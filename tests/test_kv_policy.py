@@ -194,3 +194,16 @@ def test_full_removes_the_policy(tiny_gguf):
         for step in range(6):
             ctx.decode(_tokens(40, step), logits="none")
         assert ctx.positions(0).size == 240 and ctx.kv_policy_stats()["n_rounds"] == 0
+
+
+def test_separate_streams_per_sequence_are_pruned_too(calibrated):
+    """kv_unified=False: each sequence has its own stream of cells (and K storage slice)."""
+    m = Model(calibrated("qwen3"))
+    with Context(m, n_ctx=512, n_batch=64, n_seq_max=2, kv_unified=False) as ctx:
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=2, window=4)
+        for step in range(40):
+            for s in (0, 1):
+                ctx.decode(_tokens(4, 10 * step + s), seq_id=s, logits="none")
+                assert ctx.positions(s).size <= BUDGET + INTERVAL
+        assert ctx.pos_max(0) == ctx.pos_max(1) == 159
+        assert ctx.kv_policy_stats()["n_rounds"] >= 2
