@@ -23,6 +23,25 @@ static double triatt_now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
+// in-place orthonormal Walsh-Hadamard transform of n (a power of two) values, in the same
+// (Sylvester) order as the matrix llama.cpp rotates quantized K with
+static void triatt_hadamard(float * x, int32_t n) {
+    for (int32_t h = 1; h < n; h *= 2) {
+        for (int32_t i = 0; i < n; i += 2*h) {
+            for (int32_t j = i; j < i + h; ++j) {
+                const float a = x[j];
+                const float b = x[j + h];
+                x[j]     = a + b;
+                x[j + h] = a - b;
+            }
+        }
+    }
+    const float scale = 1.0f / std::sqrt((float) n);
+    for (int32_t i = 0; i < n; ++i) {
+        x[i] *= scale;
+    }
+}
+
 // the cache holding the full-attention layers: the plain cache, or the base of the SWA pair
 static llama_kv_cache * triatt_full_cache(llama_context & ctx) {
     llama_memory_i * mem = ctx.get_memory();
@@ -151,8 +170,9 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     const llama_cparams & cparams = ctx.get_cparams();
     const auto & hp = model.hparams;
     const ggml_type tk = kv->type_k();
-    if (tk != GGML_TYPE_F32 && tk != GGML_TYPE_F16 && tk != GGML_TYPE_BF16) {
-        error = std::string("KV policy tri: K cache type ") + ggml_type_name(tk) + " is not supported yet (use f16, bf16 or f32)";
+    if (tk != GGML_TYPE_F32 && tk != GGML_TYPE_F16 && tk != GGML_TYPE_BF16 && !ggml_get_type_traits(tk)->to_float) {
+        error = std::string("KV policy tri: K cache type ") + ggml_type_name(tk) + " cannot be read back "
+                "(use f16, bf16, f32, q8_0 or q4_0)";
         return false;
     }
     const int rope_type = llama_model_rope_type(&model);
@@ -250,11 +270,19 @@ bool llama_kv_policy::score_layers(llama_context & ctx, llama_kv_cache & kv, lla
         int64_t stride = (int64_t) (row_bytes / ggml_type_size(k->type));
         if (k->type == GGML_TYPE_F32) {
             kt = TRIATT_KEY_F32;
-        } else if (k->type == GGML_TYPE_BF16) {
+        } else if (k->type != GGML_TYPE_F16) {
+            // bf16 or quantized: convert the rows to f32, and undo the Hadamard rotation llama.cpp
+            // applies to quantized K (per block of k_rot values; the rotation is its own inverse)
             const int64_t ne0 = k->ne[0];
+            const auto * traits = ggml_get_type_traits(k->type);
+            const int32_t k_rot = kv.get_k_rot_size();
             k_f32.resize((size_t) ne0 * n_cells);
             for (uint32_t i = 0; i < n_cells; ++i) {
-                ggml_bf16_to_fp32_row((const ggml_bf16_t *) (base + i * row_bytes), k_f32.data() + (size_t) i * ne0, ne0);
+                float * row = k_f32.data() + (size_t) i * ne0;
+                traits->to_float(base + i * row_bytes, row, ne0);
+                for (int64_t b = 0; k_rot > 0 && b + k_rot <= ne0; b += k_rot) {
+                    triatt_hadamard(row + b, k_rot);
+                }
             }
             keys = k_f32.data();
             kt = TRIATT_KEY_F32;
