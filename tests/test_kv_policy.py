@@ -204,7 +204,7 @@ def test_separate_streams_per_sequence_are_pruned_too(calibrated):
         assert ctx.kv_policy_stats()["n_rounds"] >= 2
 
 
-@pytest.mark.parametrize("type_k,min_agree", [("f32", 32), ("f16", 32), ("q8_0", 30), ("q4_0", 20)])
+@pytest.mark.parametrize("type_k,min_agree", [("f32", 32), ("f16", 32), ("bf16", 30), ("q8_0", 30), ("q4_0", 20)])
 def test_quantized_k_caches_are_read_back_through_the_hadamard_rotation(tmp_path_factory, type_k, min_agree):
     """llama.cpp stores quantized K rotated by a Walsh-Hadamard matrix (head_dim % 64 == 0): the policy
     must dequantize and undo it. Keep 32 of 120 tokens, once, and compare with the core's choice on the
