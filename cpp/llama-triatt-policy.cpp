@@ -233,7 +233,10 @@ bool llama_kv_policy::before_batch(llama_context & ctx, const llama_batch_allocr
         const llama_pos n_in = balloc.seq_pos_max(s) - b0 + 1;
         const llama_pos pos_max = mem->seq_pos_max(s);
         if (pos_max < 0) {
-            prompt_len[s] = balloc.seq_pos_max(s) + 1; // a fresh sequence: this batch is its prompt
+            // a fresh sequence: its prompt is what was declared for it, else this batch
+            if (!prompt_declared.erase(s)) {
+                prompt_len[s] = balloc.seq_pos_max(s) + 1;
+            }
             continue;
         }
         const int32_t n_cached = mem->seq_positions(s, nullptr, 0);
@@ -422,6 +425,14 @@ int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_po
     llama_kv_policy_free_impl(ctx->kv_policy);
     ctx->kv_policy = params->type == LLAMA_KV_POLICY_FULL ? (delete policy, nullptr) : policy;
     return 0;
+}
+
+void llama_kv_policy_set_prompt(struct llama_context * ctx, llama_seq_id seq_id, llama_pos n_prompt) {
+    if (!ctx || !ctx->kv_policy || seq_id < 0 || n_prompt < 0) {
+        return;
+    }
+    ctx->kv_policy->prompt_len[seq_id] = n_prompt;
+    ctx->kv_policy->prompt_declared.insert(seq_id);
 }
 
 const char * llama_kv_policy_last_error(void) {

@@ -13,6 +13,7 @@
 #include "triatt-core.h"
 
 #include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -32,8 +33,10 @@ struct llama_kv_policy {
     // the layers scored (those with their own K storage in the full-attention cache)
     std::vector<int32_t> layers;
 
-    // per sequence: tokens of the first batch after the sequence was empty (its prompt)
+    // per sequence: its prompt length (llama_kv_policy_set_prompt, else its first batch), and the
+    // sequences whose next fresh start keeps the declared length
     std::map<llama_seq_id, llama_pos> prompt_len;
+    std::set<llama_seq_id>            prompt_declared;
 
     // round workspaces, reused
     std::vector<float>       scores;       // [n_layers][n_cells][n_head]

@@ -152,6 +152,11 @@ class Context:
         if lc.llama_set_kv_policy(self.ctx_ptr, ctypes.byref(p)) != 0:
             raise ValueError(lc.llama_kv_policy_last_error().decode())
 
+    def set_prompt(self, seq_id: int, n_prompt: int) -> None:
+        """Declare the first n_prompt positions of seq_id its prompt (protected with protect_prompt=True);
+        call it before decoding the prompt. Default: a sequence's first batch."""
+        self._lc.llama_kv_policy_set_prompt(self.ctx_ptr, seq_id, n_prompt)
+
     def kv_policy_stats(self, seq_id: int = 0) -> dict:
         st = self._lc.llama_get_kv_policy_stats(self.ctx_ptr, seq_id)
         return {k: getattr(st, k) for k, _ in st._fields_}

@@ -233,3 +233,27 @@ def test_quantized_k_caches_are_read_back_through_the_hadamard_rotation(tmp_path
         got = ctx.positions(0).tolist()
         assert len(got) == 33 and got[-1] == 120
         assert len(want & set(got[:-1])) >= min_agree
+
+
+@pytest.mark.parametrize("declared", [False, True])
+def test_prompt_protection_covers_the_declared_prompt_or_else_the_first_batch(tiny_gguf, declared):
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=256, n_batch=64) as ctx:
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL, protect_prompt=True)
+        if declared:
+            ctx.set_prompt(0, 40)
+        for i in range(4):                       # a 40-token prompt prefilled in 4 batches
+            ctx.decode(_tokens(10, i), logits="none")
+        for step in range(100):
+            ctx.decode(_tokens(1, 50 + step), logits="none")
+        held = ctx.positions(0).tolist()
+        protected = 40 if declared else 10
+        assert held[:protected] == list(range(protected))
+        assert held[protected] > 40              # nothing else of the prompt survives streaming
+        # a fresh sequence starts over: the default applies again
+        ctx.clear()
+        ctx.decode(_tokens(5, 1), logits="none")
+        for step in range(100):
+            ctx.decode(_tokens(1, 300 + step), logits="none")
+        assert ctx.positions(0).tolist()[:6] == [0, 1, 2, 3, 4, ctx.positions(0).tolist()[5]]
+        assert ctx.positions(0).tolist()[5] > 5

@@ -291,3 +291,13 @@ def test_smollm2_generates_400_tokens_in_a_budget_of_128(smollm2_path, tmp_path)
     assert st["n_rounds"] >= 2 and st["t_score_ms"] > 0
     words = llm.detokenize(out).decode(errors="replace").split()
     assert len(set(words)) > 20             # still text, not one token repeated
+
+
+def test_kv_protect_prompt_keeps_the_whole_prompt_even_when_it_spans_several_batches(tiny_cal):
+    llm = make(tiny_cal, "streaming", kv_sink=0, kv_protect_prompt=True)
+    prompt = prompt_tokens(llm, words=2)
+    assert N_BATCH < len(prompt) < BUDGET             # prefilled in several batches, protectable
+    generate(llm, prompt, 3 * (BUDGET + INTERVAL))
+    assert llm.kv_policy_stats()["n_rounds"] > 0
+    held = pytriatt.seq_positions(llm, 0).tolist()
+    assert held[: len(prompt)] == list(range(len(prompt)))
