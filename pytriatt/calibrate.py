@@ -147,8 +147,11 @@ def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_S
         raise ValueError("--tokens must be positive")
     if n_ctx < 16:
         raise ValueError("--ctx must be at least 16")
-    rope = RopeSpec.from_gguf(model_path)   # refuses architectures without a supported RoPE, clearly
-    fingerprint = model_fingerprint(model_path)
+    import gguf
+
+    header = gguf.GGUFReader(str(model_path))   # parsed once: the RoPE and the fingerprint read the same header
+    rope = RopeSpec.from_gguf(header)   # refuses architectures without a supported RoPE, clearly
+    fingerprint = model_fingerprint(header)
     model = Model(model_path, n_gpu_layers=n_gpu_layers)
     try:
         if text is None:
