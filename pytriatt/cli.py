@@ -324,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pytriatt", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"pytriatt {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("run", help="generate text with a model through the patched llama.cpp",
@@ -394,6 +395,13 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "least concentrated)")
     p.add_argument("--json", action="store_true", help="print what was drawn as JSON")
     p.set_defaults(func=cmd_plot)
+
+    # subcommands that live in modules of their own: each module's add_parser(sub) sets func
+    import importlib
+    import importlib.util
+    for module in ("evaluate", "bench", "serve"):
+        if importlib.util.find_spec(f"pytriatt.{module}") is not None:
+            importlib.import_module(f"pytriatt.{module}").add_parser(sub)
     return ap
 
 
@@ -405,8 +413,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except (CliError, _llama.PatchMissingError, FileNotFoundError, FileExistsError, ValueError,
-            NotImplementedError) as e:
+    except Exception as e:
+        if args.debug:
+            raise
+        user_errors = (CliError, _llama.PatchMissingError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                       ValueError, NotImplementedError)
+        if not isinstance(e, user_errors):
+            raise
         print(f"pytriatt: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
