@@ -23,6 +23,7 @@ CMAKE_ARGS passes through to CMake (default: a CPU build). For NVIDIA GPUs:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -267,6 +268,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     cache = cache_root()
     cmake_args = DEFAULT_CMAKE_ARGS + os.environ.get("CMAKE_ARGS", "").split()
+    # one build at a time per cache: a second one waits (the work tree and build dir are shared)
+    cache.mkdir(parents=True, exist_ok=True)
+    lock = open(cache / ".lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log(f"another build holds {cache}; waiting for it")
+        fcntl.flock(lock, fcntl.LOCK_EX)
     try:
         sdist = fetch_sdist(cache, args.sdist)
         pristine = unpack_pristine(cache, sdist)
