@@ -134,12 +134,24 @@ llama_kv_policy::~llama_kv_policy() {
     triatt_selector_free(selector);
 }
 
+static const char * triatt_policy_name(llama_kv_policy_type type) {
+    switch (type) {
+        case LLAMA_KV_POLICY_FULL:      return "full";
+        case LLAMA_KV_POLICY_TRI:       return "tri";
+        case LLAMA_KV_POLICY_STREAMING: return "streaming";
+        case LLAMA_KV_POLICY_RANDOM:    return "random";
+        case LLAMA_KV_POLICY_SNAPKV:    return "snapkv";
+    }
+    return "?";
+}
+
 bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p) {
     params = p;
     if (p.type == LLAMA_KV_POLICY_FULL) {
         return true;
     }
-    if (p.type != LLAMA_KV_POLICY_TRI && p.type != LLAMA_KV_POLICY_STREAMING && p.type != LLAMA_KV_POLICY_RANDOM) {
+    if (p.type != LLAMA_KV_POLICY_TRI && p.type != LLAMA_KV_POLICY_STREAMING && p.type != LLAMA_KV_POLICY_RANDOM &&
+        p.type != LLAMA_KV_POLICY_SNAPKV) {
         error = "unknown KV policy type " + std::to_string((int) p.type);
         return false;
     }
@@ -157,33 +169,63 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
         error = "KV policy: this model's memory is not a KV cache (recurrent or hybrid): token eviction does not apply";
         return false;
     }
+    const llama_model & model = ctx.get_model();
+    const auto & hp = model.hparams;
+    if (p.shift && (!ctx.get_memory()->get_can_shift() || hp.n_pos_per_embd() != 1)) {
+        error = "KV policy: shift needs a cache whose positions can be shifted (this model's cannot): "
+                "keep the gaps (shift off)";
+        return false;
+    }
     for (uint32_t il : kv->get_layer_ids()) {
         layers.push_back((int32_t) il);
     }
-    selector = triatt_selector_init();
+    n_head    = (int32_t) hp.n_head(0);
+    n_head_kv = (int32_t) hp.n_head_kv(0);
+    head_dim  = (int32_t) hp.n_embd_head_k(0);
+    selector  = triatt_selector_init();
+
+    const ggml_type tk = kv->type_k();
+    const bool scores_keys = p.type == LLAMA_KV_POLICY_TRI || p.type == LLAMA_KV_POLICY_SNAPKV;
+    if (scores_keys && tk != GGML_TYPE_F32 && tk != GGML_TYPE_F16 && tk != GGML_TYPE_BF16 &&
+        !ggml_get_type_traits(tk)->to_float) {
+        error = std::string("KV policy ") + triatt_policy_name(p.type) + ": K cache type " + ggml_type_name(tk) +
+                " cannot be read back (use f16, bf16, f32, q8_0 or q4_0)";
+        return false;
+    }
+
+    if (p.type == LLAMA_KV_POLICY_SNAPKV) {
+        // the query window is the context's recent tokens: one sequence per context
+        if (ctx.get_cparams().n_seq_max > 1) {
+            error = "KV policy snapkv: the observation window holds the context's recent queries, so it needs a "
+                    "context with one sequence (n_seq_max = 1)";
+            return false;
+        }
+        if (p.snap_window < 1) {
+            error = "KV policy snapkv: snap_window must be >= 1";
+            return false;
+        }
+        snap.resize(hp.n_layer());
+        for (int32_t il : layers) {
+            snap[il].q.assign((size_t) p.snap_window * n_head * head_dim, 0.0f);
+        }
+        snap_kq_scale = hp.f_attention_scale != 0.0f ? hp.f_attention_scale : 1.0f / std::sqrt((float) head_dim);
+        return true;
+    }
     if (p.type != LLAMA_KV_POLICY_TRI) {
         return true;
     }
 
     // TRI: statistics + the RoPE of each scored layer, exactly as the graph applies it
-    const llama_model   & model   = ctx.get_model();
     const llama_cparams & cparams = ctx.get_cparams();
-    const auto & hp = model.hparams;
-    const ggml_type tk = kv->type_k();
-    if (tk != GGML_TYPE_F32 && tk != GGML_TYPE_F16 && tk != GGML_TYPE_BF16 && !ggml_get_type_traits(tk)->to_float) {
-        error = std::string("KV policy tri: K cache type ") + ggml_type_name(tk) + " cannot be read back "
-                "(use f16, bf16, f32, q8_0 or q4_0)";
-        return false;
-    }
     const int rope_type = llama_model_rope_type(&model);
     if (rope_type != LLAMA_ROPE_TYPE_NORM && rope_type != LLAMA_ROPE_TYPE_NEOX) {
         error = "KV policy tri: the model's RoPE type is not supported (TriAttention needs NORM or NEOX RoPE)";
         return false;
     }
     calib.n_layer   = (int32_t) hp.n_layer();
-    calib.n_head    = (int32_t) hp.n_head(0);
-    calib.n_head_kv = (int32_t) hp.n_head_kv(0);
-    calib.head_dim  = (int32_t) hp.n_embd_head_k(0);
+    calib.n_head    = n_head;
+    calib.n_head_kv = n_head_kv;
+    calib.head_dim  = head_dim;
     calib.pairing   = rope_type == LLAMA_ROPE_TYPE_NEOX ? TRIATT_PAIRING_NEOX : TRIATT_PAIRING_NORM;
     if (!p.calib_path || !*p.calib_path) {
         error = "KV policy tri needs calib_path: a GGUF carrying triattention.* statistics (pytriatt calibrate)";
@@ -220,7 +262,7 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     return scorer != nullptr;
 }
 
-bool llama_kv_policy::before_batch(llama_context & ctx, const llama_batch_allocr & balloc) {
+bool llama_kv_policy::before_batch(llama_context & ctx, llama_batch_allocr & balloc) {
     if (params.type == LLAMA_KV_POLICY_FULL) {
         return true;
     }
@@ -233,15 +275,22 @@ bool llama_kv_policy::before_batch(llama_context & ctx, const llama_batch_allocr
         const llama_pos n_in = balloc.seq_pos_max(s) - b0 + 1;
         const llama_pos pos_max = mem->seq_pos_max(s);
         if (pos_max < 0) {
-            // a fresh sequence: its prompt is what was declared for it, else this batch
-            if (!prompt_declared.erase(s)) {
-                prompt_len[s] = balloc.seq_pos_max(s) + 1;
+            // a fresh sequence (new, or cleared and reused): fresh counters; its prompt is what was
+            // declared for it, else this batch
+            seq_state & st = seqs[s];
+            st.stats = {};
+            if (!st.prompt_declared) {
+                st.prompt_len = balloc.seq_pos_max(s) + 1;
+            }
+            st.prompt_declared = false;
+            for (auto & sq : snap) {
+                sq.n = sq.next = 0;
             }
             continue;
         }
         const int32_t n_cached = mem->seq_positions(s, nullptr, 0);
         if (n_cached + n_in > params.budget + params.interval && n_cached > params.budget) {
-            if (!round(ctx, s, pos_max)) {
+            if (!round(ctx, balloc, s, pos_max)) {
                 return false;
             }
         }
@@ -249,48 +298,52 @@ bool llama_kv_policy::before_batch(llama_context & ctx, const llama_batch_allocr
     return true;
 }
 
-bool llama_kv_policy::score_layers(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t,
-                                   uint32_t n_cells) {
-    const int32_t n_head = calib.n_head;
+const void * llama_kv_policy::k_rows(llama_kv_cache & kv, size_t li, llama_seq_id seq_id, uint32_t n_cells,
+                                     triatt_key_type & type, int64_t & stride) {
+    ggml_tensor * k = kv.get_k_storage(layers[li]);
+    const uint32_t stream = kv.get_stream(seq_id);
+    const size_t row_bytes = k->nb[1];
+    const uint8_t * base = nullptr;
+    if (k->buffer && ggml_backend_buffer_is_host(k->buffer)) {
+        base = (const uint8_t *) k->data + stream * k->nb[2];
+    } else {
+        // K lives in device memory: bring the used rows to the host
+        k_host.resize(row_bytes * n_cells);
+        ggml_backend_tensor_get(k, k_host.data(), stream * k->nb[2], row_bytes * n_cells);
+        base = k_host.data();
+    }
+    if (k->type == GGML_TYPE_F32 || k->type == GGML_TYPE_F16) {
+        type   = k->type == GGML_TYPE_F32 ? TRIATT_KEY_F32 : TRIATT_KEY_F16;
+        stride = (int64_t) (row_bytes / ggml_type_size(k->type));
+        return base;
+    }
+    // bf16 or quantized: convert the rows to f32, and undo the Hadamard rotation llama.cpp applies to
+    // quantized K (per block of k_rot values; the rotation is its own inverse)
+    const int64_t ne0 = k->ne[0];
+    const auto * traits = ggml_get_type_traits(k->type);
+    const int32_t k_rot = kv.get_k_rot_size();
+    k_f32.resize((size_t) ne0 * n_cells);
+    for (uint32_t i = 0; i < n_cells; ++i) {
+        float * row = k_f32.data() + (size_t) i * ne0;
+        traits->to_float(base + i * row_bytes, row, ne0);
+        for (int64_t b = 0; k_rot > 0 && b + k_rot <= ne0; b += k_rot) {
+            triatt_hadamard(row + b, k_rot);
+        }
+    }
+    type   = TRIATT_KEY_F32;
+    stride = ne0;
+    return k_f32.data();
+}
+
+bool llama_kv_policy::score_layers_tri(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t,
+                                       uint32_t n_cells) {
     triatt_score_params sp;
     sp.n_threads = params.n_threads > 0 ? params.n_threads : (int32_t) ctx.n_threads();
     scores.resize((size_t) layers.size() * n_cells * n_head);
-    const uint32_t stream = kv.get_stream(seq_id);
     for (size_t li = 0; li < layers.size(); ++li) {
-        ggml_tensor * k = kv.get_k_storage(layers[li]);
-        const size_t row_bytes = k->nb[1];
-        const uint8_t * base = nullptr;
-        if (k->buffer && ggml_backend_buffer_is_host(k->buffer)) {
-            base = (const uint8_t *) k->data + stream * k->nb[2];
-        } else {
-            // K lives in device memory: bring the used rows to the host (TODO: score on the device)
-            k_host.resize(row_bytes * n_cells);
-            ggml_backend_tensor_get(k, k_host.data(), stream * k->nb[2], row_bytes * n_cells);
-            base = k_host.data();
-        }
-        const void * keys = base;
-        triatt_key_type kt = TRIATT_KEY_F16;
-        int64_t stride = (int64_t) (row_bytes / ggml_type_size(k->type));
-        if (k->type == GGML_TYPE_F32) {
-            kt = TRIATT_KEY_F32;
-        } else if (k->type != GGML_TYPE_F16) {
-            // bf16 or quantized: convert the rows to f32, and undo the Hadamard rotation llama.cpp
-            // applies to quantized K (per block of k_rot values; the rotation is its own inverse)
-            const int64_t ne0 = k->ne[0];
-            const auto * traits = ggml_get_type_traits(k->type);
-            const int32_t k_rot = kv.get_k_rot_size();
-            k_f32.resize((size_t) ne0 * n_cells);
-            for (uint32_t i = 0; i < n_cells; ++i) {
-                float * row = k_f32.data() + (size_t) i * ne0;
-                traits->to_float(base + i * row_bytes, row, ne0);
-                for (int64_t b = 0; k_rot > 0 && b + k_rot <= ne0; b += k_rot) {
-                    triatt_hadamard(row + b, k_rot);
-                }
-            }
-            keys = k_f32.data();
-            kt = TRIATT_KEY_F32;
-            stride = ne0;
-        }
+        triatt_key_type kt;
+        int64_t stride;
+        const void * keys = k_rows(kv, li, seq_id, n_cells, kt, stride);
         std::string err;
         if (!triatt_score_layer(scorer, layers[li], keys, kt, n_cells, stride, t, sp,
                                 scores.data() + li * (size_t) n_cells * n_head, &err)) {
@@ -301,10 +354,142 @@ bool llama_kv_policy::score_layers(llama_context & ctx, llama_kv_cache & kv, lla
     return true;
 }
 
-bool llama_kv_policy::round(llama_context & ctx, llama_seq_id seq_id, llama_pos pos_max) {
+static float triatt_key_at(const void * keys, triatt_key_type type, size_t i) {
+    return type == TRIATT_KEY_F32 ? ((const float *) keys)[i] : ggml_fp16_to_fp32(((const ggml_fp16_t *) keys)[i]);
+}
+
+// SnapKV: the attention each candidate receives from the recent queries (softmax over the candidates,
+// summed over the queries), max-pooled over neighbouring candidates, per layer and query head
+bool llama_kv_policy::score_layers_snap(llama_kv_cache & kv, llama_seq_id seq_id, uint32_t n_cells) {
+    const int64_t n = (int64_t) cand_cell.size();
+    const int32_t n_gqa = n_head / n_head_kv;
+    const int32_t pool = 7; // SnapKV's kernel: keep the neighbours of attended tokens too
+    cand_scores.assign(layers.size() * (size_t) n * n_head, 0.0f);
+    std::vector<float> kf((size_t) n * head_dim);
+    std::vector<float> mass(n);
+    attn.resize(n);
+    for (size_t li = 0; li < layers.size(); ++li) {
+        const snap_queries & sq = snap[layers[li]];
+        triatt_key_type kt;
+        int64_t stride;
+        const void * keys = k_rows(kv, li, seq_id, n_cells, kt, stride);
+        float * out = cand_scores.data() + li * (size_t) n * n_head;
+        for (int32_t h = 0; h < n_head; ++h) {
+            const int32_t g = h / n_gqa;
+            for (int64_t i = 0; i < n; ++i) {
+                const size_t off = (size_t) cand_cell[i] * stride + (size_t) g * head_dim;
+                for (int32_t d = 0; d < head_dim; ++d) {
+                    kf[(size_t) i * head_dim + d] = triatt_key_at(keys, kt, off + d);
+                }
+            }
+            std::fill(mass.begin(), mass.end(), 0.0f);
+            for (int32_t w = 0; w < sq.n; ++w) {
+                const float * q = sq.q.data() + ((size_t) w * n_head + h) * head_dim;
+                float mx = -INFINITY;
+                for (int64_t i = 0; i < n; ++i) {
+                    float dot = 0.0f;
+                    for (int32_t d = 0; d < head_dim; ++d) {
+                        dot += q[d] * kf[(size_t) i * head_dim + d];
+                    }
+                    attn[i] = dot * snap_kq_scale;
+                    mx = std::max(mx, attn[i]);
+                }
+                double sum = 0.0;
+                for (int64_t i = 0; i < n; ++i) {
+                    attn[i] = std::exp(attn[i] - mx);
+                    sum += attn[i];
+                }
+                for (int64_t i = 0; i < n; ++i) {
+                    mass[i] += (float) (attn[i] / sum);
+                }
+            }
+            for (int64_t i = 0; i < n; ++i) {
+                float m = 0.0f;
+                for (int64_t j = std::max<int64_t>(0, i - pool/2); j <= std::min<int64_t>(n - 1, i + pool/2); ++j) {
+                    m = std::max(m, mass[j]);
+                }
+                out[i * n_head + h] = m;
+            }
+        }
+    }
+    return true;
+}
+
+bool llama_kv_policy::snap_cb_eval(struct ggml_tensor * t, bool ask, void * user_data) {
+    auto * self = (llama_kv_policy *) user_data;
+    // the post-RoPE query of layer il is the ROPE node named "Qcur-<il>"
+    bool mine = t->op == GGML_OP_ROPE && strncmp(ggml_get_name(t), "Qcur-", 5) == 0 && t->type == GGML_TYPE_F32;
+    int32_t il = -1;
+    if (mine) {
+        il = atoi(ggml_get_name(t) + 5);
+        mine = il >= 0 && il < (int32_t) self->snap.size() && !self->snap[il].q.empty() &&
+               t->ne[0] == self->head_dim && t->ne[1] == self->n_head;
+    }
+    const bool theirs = self->user_cb_eval && self->user_cb_eval(t, true, self->user_cb_eval_data);
+    if (ask) {
+        return mine || theirs;
+    }
+    if (mine) {
+        snap_queries & sq = self->snap[il];
+        const int64_t n_tokens = t->ne[2];
+        self->q_raw.resize(ggml_nbytes(t));
+        ggml_backend_tensor_get(t, self->q_raw.data(), 0, ggml_nbytes(t));
+        const int32_t window = self->params.snap_window;
+        for (int64_t i = std::max<int64_t>(0, n_tokens - window); i < n_tokens; ++i) {
+            float * dst = sq.q.data() + (size_t) sq.next * self->head_dim * self->n_head;
+            for (int32_t h = 0; h < self->n_head; ++h) {
+                memcpy(dst + (size_t) h * self->head_dim, self->q_raw.data() + h * t->nb[1] + i * t->nb[2],
+                       self->head_dim * sizeof(float));
+            }
+            sq.next = (sq.next + 1) % window;
+            sq.n = std::min(sq.n + 1, window);
+        }
+    }
+    return theirs ? self->user_cb_eval(t, false, self->user_cb_eval_data) : true;
+}
+
+// shift the kept tokens (keep[] of cand_pos) down to contiguous positions, and the incoming batch with them
+bool llama_kv_policy::shift_down(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, int64_t n_keep) {
+    llama_memory_t mem = ctx.get_memory();
+    const llama_pos base = cand_pos[keep[0]];
+    for (int64_t k = 0; k < n_keep; ) {
+        // a run of consecutive kept positions moves as one
+        int64_t e = k + 1;
+        while (e < n_keep && cand_pos[keep[e]] == cand_pos[keep[e - 1]] + 1) {
+            ++e;
+        }
+        const llama_pos delta = (base + (llama_pos) k) - cand_pos[keep[k]];
+        if (delta != 0) {
+            llama_memory_seq_add(mem, seq_id, cand_pos[keep[k]], cand_pos[keep[e - 1]] + 1, delta);
+        }
+        k = e;
+    }
+    const llama_pos delta = (base + (llama_pos) n_keep - 1) - cand_pos[keep[n_keep - 1]];
+    if (delta != 0 && !balloc.shift_seq_pos(seq_id, delta)) {
+        error = "KV policy: shift cannot move a batch whose tokens belong to several sequences";
+        return false;
+    }
+    return true;
+}
+
+bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, llama_pos pos_max) {
     const double t0 = triatt_now_ms();
     llama_kv_cache * kv = triatt_full_cache(ctx);
     const llama_kv_cells & cells = kv->get_cells(seq_id);
+    seq_state & st = seqs[seq_id];
+
+    if (params.shift) {
+        // the batch moves with the sequence: its tokens must belong to this sequence only
+        const llama_batch & b = balloc.get_batch();
+        for (int32_t i = 0; i < b.n_tokens; ++i) {
+            for (int32_t j = 0; b.n_seq_id[i] > 1 && j < b.n_seq_id[i]; ++j) {
+                if (b.seq_id[i][j] == seq_id) {
+                    error = "KV policy: shift cannot move a batch whose tokens belong to several sequences";
+                    return false;
+                }
+            }
+        }
+    }
 
     cand_pos.clear();
     cand_cell.clear();
@@ -318,19 +503,18 @@ bool llama_kv_policy::round(llama_context & ctx, llama_seq_id seq_id, llama_pos 
     sel.budget     = params.budget;
     sel.n_sink     = params.n_sink;
     sel.n_window   = std::max(params.n_window, 1); // the newest token must stay: the next batch continues from it
-    sel.prompt_len = params.protect_prompt ? prompt_len[seq_id] : 0;
+    sel.prompt_len = params.protect_prompt ? st.prompt_len : 0;
     sel.seed       = params.seed;
     sel.kv_agg     = params.kv_agg_mean ? TRIATT_KV_AGG_MEAN : TRIATT_KV_AGG_MAX;
 
     layer_ptrs.clear();
+    const uint32_t n_cells = cells.used_max_p1();
     if (params.type == LLAMA_KV_POLICY_TRI) {
         sel.policy = TRIATT_POLICY_TRIATTENTION;
         // score every used cell in cell order (zero-copy rows), then gather the candidates' rows
-        const uint32_t n_cells = cells.used_max_p1();
-        if (!score_layers(ctx, *kv, seq_id, pos_max, n_cells)) {
+        if (!score_layers_tri(ctx, *kv, seq_id, pos_max, n_cells)) {
             return false;
         }
-        const int32_t n_head = calib.n_head;
         cand_scores.resize(layers.size() * (size_t) n * n_head);
         for (size_t li = 0; li < layers.size(); ++li) {
             const float * src = scores.data() + li * (size_t) n_cells * n_head;
@@ -338,19 +522,28 @@ bool llama_kv_policy::round(llama_context & ctx, llama_seq_id seq_id, llama_pos 
             for (int64_t i = 0; i < n; ++i) {
                 memcpy(dst + i * n_head, src + (size_t) cand_cell[i] * n_head, n_head * sizeof(float));
             }
-            layer_ptrs.push_back(dst);
+        }
+    } else if (params.type == LLAMA_KV_POLICY_SNAPKV) {
+        sel.policy = TRIATT_POLICY_TRIATTENTION; // the same aggregation over heads and layers as tri
+        if (!score_layers_snap(*kv, seq_id, n_cells)) {
+            return false;
         }
     } else {
         sel.policy = params.type == LLAMA_KV_POLICY_STREAMING ? TRIATT_POLICY_STREAMING : TRIATT_POLICY_RANDOM;
+    }
+    if (sel.policy == TRIATT_POLICY_TRIATTENTION) {
+        for (size_t li = 0; li < layers.size(); ++li) {
+            layer_ptrs.push_back(cand_scores.data() + li * (size_t) n * n_head);
+        }
     }
     const double t1 = triatt_now_ms();
 
     keep.resize(n);
     std::string err;
     const int64_t n_keep = triatt_select(selector, sel, n, cand_pos.data(), layer_ptrs.data(), (int32_t) layer_ptrs.size(),
-                                         calib.n_head, calib.n_head_kv, keep.data(), &err);
-    if (n_keep < 0) {
-        error = "KV policy: " + err;
+                                         n_head, n_head_kv, keep.data(), &err);
+    if (n_keep < 1) {
+        error = "KV policy: " + (err.empty() ? std::string("no token kept") : err);
         return false;
     }
     // keep[] is ascending: evict the candidates it skips
@@ -367,11 +560,16 @@ bool llama_kv_policy::round(llama_context & ctx, llama_seq_id seq_id, llama_pos 
         error = "KV policy: removing the evicted tokens failed";
         return false;
     }
+    if (params.shift && !shift_down(ctx, balloc, seq_id, n_keep)) {
+        return false;
+    }
     const double t2 = triatt_now_ms();
-    stats.n_rounds++;
-    stats.n_evicted += (uint64_t) n_rm;
-    stats.t_score_ms += t1 - t0;
-    stats.t_evict_ms += t2 - t1;
+    for (llama_kv_policy_stats * s : { &st.stats, &total }) {
+        s->n_rounds++;
+        s->n_evicted  += (uint64_t) n_rm;
+        s->t_score_ms += t1 - t0;
+        s->t_evict_ms += t2 - t1;
+    }
     return true;
 }
 
@@ -383,7 +581,7 @@ void llama_kv_policy_free_impl(llama_kv_policy * policy) {
     delete policy;
 }
 
-bool llama_kv_policy_before_batch(llama_kv_policy * policy, llama_context & ctx, const llama_batch_allocr & balloc) {
+bool llama_kv_policy_before_batch(llama_kv_policy * policy, llama_context & ctx, llama_batch_allocr & balloc) {
     if (!policy->before_batch(ctx, balloc)) {
         LLAMA_LOG_ERROR("%s: %s\n", __func__, policy->error.c_str());
         return false;
@@ -403,9 +601,11 @@ struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     p.n_sink         = 0;
     p.n_window       = 1;
     p.protect_prompt = false;
+    p.shift          = false;
     p.kv_agg_mean    = false;
     p.seed           = 0;
     p.n_threads      = 0;
+    p.snap_window    = 32;
     p.calib_path     = nullptr;
     return p;
 }
@@ -422,6 +622,20 @@ int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_po
         delete policy;
         return -1;
     }
+    // the user's eval callback: the one installed now, unless it is the previous snapkv policy's
+    ggml_backend_sched_eval_callback user_cb = ctx->get_cparams().cb_eval;
+    void * user_cb_data = ctx->get_cparams().cb_eval_user_data;
+    if (ctx->kv_policy && user_cb == llama_kv_policy::snap_cb_eval) {
+        user_cb      = ctx->kv_policy->user_cb_eval;
+        user_cb_data = ctx->kv_policy->user_cb_eval_data;
+    }
+    if (params->type == LLAMA_KV_POLICY_SNAPKV) {
+        policy->user_cb_eval      = user_cb;
+        policy->user_cb_eval_data = user_cb_data;
+        ctx->set_eval_callback(llama_kv_policy::snap_cb_eval, policy);
+    } else {
+        ctx->set_eval_callback(user_cb, user_cb_data);
+    }
     llama_kv_policy_free_impl(ctx->kv_policy);
     ctx->kv_policy = params->type == LLAMA_KV_POLICY_FULL ? (delete policy, nullptr) : policy;
     return 0;
@@ -431,8 +645,9 @@ void llama_kv_policy_set_prompt(struct llama_context * ctx, llama_seq_id seq_id,
     if (!ctx || !ctx->kv_policy || seq_id < 0 || n_prompt < 0) {
         return;
     }
-    ctx->kv_policy->prompt_len[seq_id] = n_prompt;
-    ctx->kv_policy->prompt_declared.insert(seq_id);
+    auto & st = ctx->kv_policy->seqs[seq_id];
+    st.prompt_len      = n_prompt;
+    st.prompt_declared = true;
 }
 
 const char * llama_kv_policy_last_error(void) {
@@ -444,11 +659,22 @@ struct llama_kv_policy_stats llama_get_kv_policy_stats(const struct llama_contex
     if (!ctx) {
         return st;
     }
-    if (ctx->kv_policy) {
-        st = ctx->kv_policy->stats;
+    if (const llama_kv_policy * policy = ctx->kv_policy) {
+        if (seq_id < 0) {
+            st = policy->total;
+        } else if (auto it = policy->seqs.find(seq_id); it != policy->seqs.end()) {
+            st = it->second.stats;
+        }
     }
     llama_memory_t mem = ctx->get_memory();
-    st.n_cells_used = mem ? llama_memory_seq_positions(mem, seq_id, nullptr, 0) : 0;
-    st.n_cells      = (int32_t) llama_n_ctx(ctx);
+    st.n_cells_used = 0;
+    if (mem && seq_id >= 0) {
+        st.n_cells_used = llama_memory_seq_positions(mem, seq_id, nullptr, 0);
+    } else if (mem) {
+        for (llama_seq_id s = 0; s < (llama_seq_id) llama_n_seq_max(ctx); ++s) {
+            st.n_cells_used += std::max(0, llama_memory_seq_positions(mem, s, nullptr, 0));
+        }
+    }
+    st.n_cells = (int32_t) llama_n_ctx(ctx);
     return st;
 }

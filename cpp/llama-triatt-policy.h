@@ -3,17 +3,19 @@
 // A policy is attached to a llama_context with llama_set_kv_policy(). Before each batch,
 // for every sequence of the batch whose cached tokens plus incoming tokens would exceed
 // budget + interval, it ranks the sequence's cached tokens (TriAttention scores from the
-// K cache, or the streaming / random baselines) and removes the lowest back to the budget
-// with the memory's batched removal (llama_memory_seq_rm_positions): kept tokens keep
-// their positions, the newest token is never removed.
+// K cache, SnapKV scores from recent queries, or the streaming / random baselines) and
+// removes the lowest back to the budget with the memory's batched removal
+// (llama_memory_seq_rm_positions). Kept tokens keep their positions, unless the policy
+// shifts them down to contiguous positions (shift); the newest token is never removed.
 
 #pragma once
 
 #include "llama.h"
 #include "triatt-core.h"
 
+#include "ggml-backend.h"
+
 #include <map>
-#include <set>
 #include <string>
 #include <vector>
 
@@ -23,7 +25,16 @@ class llama_kv_cache;
 
 struct llama_kv_policy {
     llama_kv_policy_params params;
-    llama_kv_policy_stats  stats = {};
+    llama_kv_policy_stats  total = {}; // all sequences since the policy was attached
+
+    // per sequence: counters since it last started empty, and its prompt length
+    // (llama_kv_policy_set_prompt, else its first batch)
+    struct seq_state {
+        llama_kv_policy_stats stats = {};
+        llama_pos prompt_len      = 0;
+        bool      prompt_declared = false; // set_prompt was called for the sequence's next fresh start
+    };
+    std::map<llama_seq_id, seq_state> seqs;
 
     // TRI: the statistics and RoPE of the model, the scorer and selector workspaces
     triatt_calib      calib;
@@ -32,11 +43,23 @@ struct llama_kv_policy {
 
     // the layers scored (those with their own K storage in the full-attention cache)
     std::vector<int32_t> layers;
+    int32_t n_head    = 0;
+    int32_t n_head_kv = 0;
+    int32_t head_dim  = 0;
 
-    // per sequence: its prompt length (llama_kv_policy_set_prompt, else its first batch), and the
-    // sequences whose next fresh start keeps the declared length
-    std::map<llama_seq_id, llama_pos> prompt_len;
-    std::set<llama_seq_id>            prompt_declared;
+    // SNAPKV: the post-RoPE queries of the most recent tokens, per scored layer (ring buffers of
+    // snap_window x n_head x head_dim), captured through the context's eval callback, which is
+    // chained to the user's
+    struct snap_queries {
+        std::vector<float> q;
+        int32_t n    = 0; // queries held
+        int32_t next = 0; // ring slot the next query goes to
+    };
+    std::vector<snap_queries> snap;   // by layer index
+    float snap_kq_scale = 1.0f;
+    ggml_backend_sched_eval_callback user_cb_eval = nullptr;
+    void * user_cb_eval_data = nullptr;
+    std::vector<uint8_t> q_raw;
 
     // round workspaces, reused
     std::vector<float>       scores;       // [n_layers][n_cells][n_head]
@@ -48,6 +71,7 @@ struct llama_kv_policy {
     std::vector<llama_pos>   evict;
     std::vector<uint8_t>     k_host;       // K rows copied from a non-host buffer
     std::vector<float>       k_f32;        // K rows converted from another type
+    std::vector<float>       attn;         // snapkv: [n_cand] attention of one query
 
     std::string error;
 
@@ -56,10 +80,21 @@ struct llama_kv_policy {
     // configure for ctx; on failure returns false and sets error
     bool init(llama_context & ctx, const llama_kv_policy_params & p);
 
-    // called by llama_context::decode once the batch is validated, before it is placed in the cache
-    bool before_batch(llama_context & ctx, const llama_batch_allocr & balloc);
+    // called by llama_context::decode once the batch is validated, before it is placed in the cache;
+    // with shift, the batch's positions move down with the sequence's
+    bool before_batch(llama_context & ctx, llama_batch_allocr & balloc);
+
+    // SNAPKV: the eval callback installed on the context
+    static bool snap_cb_eval(struct ggml_tensor * t, bool ask, void * user_data);
 
 private:
-    bool round(llama_context & ctx, llama_seq_id seq_id, llama_pos pos_max);
-    bool score_layers(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t, uint32_t n_cells);
+    bool round(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, llama_pos pos_max);
+    bool score_layers_tri(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t, uint32_t n_cells);
+    bool score_layers_snap(llama_kv_cache & kv, llama_seq_id seq_id, uint32_t n_cells);
+    bool shift_down(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, int64_t n_keep);
+
+    // the first n_cells K rows of layer layers[li] for seq_id's stream, readable on the host; rows of
+    // types other than f32/f16 are converted to f32 (and un-rotated for quantized K)
+    const void * k_rows(llama_kv_cache & kv, size_t li, llama_seq_id seq_id, uint32_t n_cells,
+                        triatt_key_type & type, int64_t & stride);
 };

@@ -156,6 +156,23 @@ def cmd_models(args) -> int:
 
 # -- run ------------------------------------------------------------------------
 
+def _calibrated_copy(path: Path, n_gpu_layers: int) -> Path:
+    """--calibrate: the model with its statistics added, made once into the cache directory."""
+    from . import gguf_io
+    from .calibrate import calibrate
+    from .models import cache_dir
+    from .core import _reader, model_fingerprint
+    key = model_fingerprint(_reader(path))[:16]
+    dst = cache_dir() / "calibrated" / f"{path.stem}-{key}.tri.gguf"
+    if dst.is_file() and gguf_io.has_prefix(dst, "triattention."):
+        return dst
+    print(f"pytriatt: calibrating {path.name} (once; saved as {dst})", file=sys.stderr)
+    cal, _ = calibrate(path, max_tokens=16384, n_ctx=2048, n_gpu_layers=n_gpu_layers, progress=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    gguf_io.write_with_metadata(path, dst, cal.gguf_fields())
+    return dst
+
+
 def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
     """Llama keyword arguments of the KV eviction options (empty: full attention, stock behaviour)."""
     policy = args.policy or ("tri" if args.budget is not None else "full")
@@ -163,8 +180,10 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
         return {}
     if args.budget is None:
         raise CliError(f"--policy {policy} needs --budget N (the KV tokens to keep)")
+    if args.budget < 1 or args.interval < 1 or args.sink < 0 or args.window < 0:
+        raise CliError("--budget and --interval must be >= 1, --sink and --window >= 0")
     kw = dict(kv_policy=policy, kv_budget=args.budget, kv_interval=args.interval, kv_sink=args.sink,
-              kv_window=args.window, kv_protect_prompt=args.protect_prompt)
+              kv_window=args.window, kv_protect_prompt=args.protect_prompt, kv_shift=args.shift)
     if policy == "tri":
         from . import gguf_io, inspect
         calib = Path(args.calib).expanduser() if args.calib else path
@@ -173,11 +192,45 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
                 raise CliError(f"--calib {calib}: no such file")
             check_gguf(calib)
         if not gguf_io.has_prefix(calib, "triattention."):
-            raise CliError(f"{calib} carries no TriAttention calibration; add it with: "
-                           f"{inspect.calibrate_command(args.calib or model_arg)} "
-                           f"(or pass --calib FILE, or use --policy streaming)")
+            if args.calibrate:
+                calib = _calibrated_copy(path, args.n_gpu_layers)
+            else:
+                raise CliError(f"{calib} carries no TriAttention calibration; add it with: "
+                               f"{inspect.calibrate_command(args.calib or model_arg)} "
+                               f"(or pass --calibrate to do it now, --calib FILE, or use --policy streaming)")
         kw["kv_calib"] = str(calib)
     return kw
+
+
+KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
+
+
+def _ggml_type(lc, name: str) -> int:
+    return getattr(lc, f"GGML_TYPE_{name.upper()}")
+
+
+def _mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+class _Status:
+    """A live status line on stderr (only when it is a terminal), redrawn at most 5 times a second."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.last = 0.0
+
+    def update(self, text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if self.enabled and (force or now - self.last >= 0.2):
+            self.last = now
+            sys.stderr.write("\r\033[K" + text)
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
 
 
 def cmd_run(args) -> int:
@@ -186,68 +239,113 @@ def cmd_run(args) -> int:
     lc = _llama.require_patched()
     if args.n_predict <= 0:
         raise CliError("-n/--n-predict must be positive")
+    if args.file:
+        try:
+            args.prompt = Path(args.file).expanduser().read_text(encoding="utf-8", errors="replace")
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise CliError(f"-f {args.file}: cannot read it ({e.strerror})") from None
     kv = _kv_policy_args(args, path, args.model or DEFAULT_MODEL)
     if kv:
         _llama.require_patched("kv policy")
     # with a KV budget the sequence may grow to the model's trained context by default
     n_ctx = args.ctx_size if args.ctx_size is not None else (0 if kv else 2048)
+    types = {}
+    for flag, name in (("type_k", args.cache_type_k), ("type_v", args.cache_type_v)):
+        if name:
+            types[flag] = _ggml_type(lc, name)
     try:
         llm = lc.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=args.n_gpu_layers,
-                       seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")), **kv)
+                       seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")), **types, **kv)
     except ValueError as e:
         if str(e).startswith("kv_policy"):
             raise CliError(str(e)) from None
-        raise CliError(f"llama.cpp could not load {path} ({e}): the file is truncated or corrupt, or its "
-                       f"architecture is not supported; PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
-    n_prompt = len(llm.tokenize(args.prompt.encode()))
-    if n_prompt == 0:
+        raise CliError(f"llama.cpp could not load {path} ({e}): the file is truncated or corrupt, its "
+                       f"architecture is not supported, or the KV cache type is not supported here; "
+                       f"PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
+    if args.chat:
+        prompt_tokens = llm.tokenize(_chat_prompt(llm, args.prompt).encode(), special=True)
+    else:
+        prompt_tokens = llm.tokenize(args.prompt.encode())
+    n_prompt = len(prompt_tokens)
+    if n_prompt == 0 or not args.prompt.strip():
         raise CliError("the prompt is empty")
     if n_prompt + args.n_predict > llm.n_ctx():
         raise CliError(f"prompt ({n_prompt} tokens) + {args.n_predict} new tokens exceed the context of "
                        f"{llm.n_ctx()}; raise -c/--ctx-size")
     import codecs
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    prompt_tokens = llm.tokenize(args.prompt.encode())
+    # the live line shares the terminal with the text only when stdout goes elsewhere (or --json)
+    status = _Status(args.json or not sys.stdout.isatty())
     t0 = time.perf_counter()
     text, n_gen, peak = [], 0, 0
-    if not args.json:
+    if not args.json and not args.chat:
         sys.stdout.write(args.prompt)
-    for tok in llm.generate(prompt_tokens, temp=args.temp, top_k=40, top_p=0.95, reset=True):
-        if not args.ignore_eos and lc.llama_vocab_is_eog(lc.llama_model_get_vocab(llm.model), tok):
-            break
-        n_gen += 1
-        if kv:
-            peak = max(peak, llm.kv_policy_stats()["n_cells_used"])
-        piece = decoder.decode(llm.detokenize([tok]))
-        text.append(piece)
-        if not args.json:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        if n_gen >= args.n_predict:
-            break
+    vocab = lc.llama_model_get_vocab(llm.model)
+    try:
+        for tok in llm.generate(prompt_tokens, temp=args.temp, top_k=40, top_p=0.95, reset=True):
+            if not args.ignore_eos and lc.llama_vocab_is_eog(vocab, tok):
+                break
+            n_gen += 1
+            st = llm.kv_policy_stats()
+            peak = max(peak, st["n_cells_used"])
+            piece = decoder.decode(llm.detokenize([tok]))
+            text.append(piece)
+            if not args.json:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            dt = time.perf_counter() - t0
+            status.update(f"[{n_gen}/{args.n_predict} tokens, {n_gen / dt:.1f} tok/s, KV {st['n_cells_used']}/"
+                          f"{st['n_cells']} cells, {st['n_rounds']} evictions]")
+            if n_gen >= args.n_predict:
+                break
+    finally:
+        status.close()
     dt = time.perf_counter() - t0
-    cached = _llama.seq_positions(llm, 0)
+    st = llm.kv_policy_stats()
+    n_seq = n_prompt + n_gen
+    # what full attention would hold for the same sequence: the same bytes per cell, one cell per token
+    full_bytes = st["kv_bytes"] / st["n_cells"] * n_seq if st.get("kv_bytes") else None
     result = {"model": str(path), "prompt": args.prompt, "text": "".join(text), "n_prompt": n_prompt,
               "n_generated": n_gen, "seconds": round(dt, 3), "tokens_per_s": round(n_gen / dt, 2) if dt else None,
-              "kv_cells_used": int(cached.size), "kv_cells": llm.kv_cells, "n_ctx": llm.n_ctx(),
-              "policy": llm.kv_policy}
+              "kv_cells_used": st["n_cells_used"], "kv_cells": llm.kv_cells, "n_ctx": llm.n_ctx(),
+              "policy": llm.kv_policy, "kv_bytes": st.get("kv_bytes"),
+              "kv_bytes_full_attention": round(full_bytes) if full_bytes else None}
     if kv:
-        st = llm.kv_policy_stats()
         result.update(budget=args.budget, interval=args.interval, sink=args.sink, window=args.window,
-                      kv_cells_peak=peak, evictions=st["n_rounds"], tokens_evicted=st["n_evicted"],
+                      shift=args.shift, kv_cells_peak=peak, evictions=st["n_rounds"], tokens_evicted=st["n_evicted"],
                       score_ms=round(st["t_score_ms"], 3), evict_ms=round(st["t_evict_ms"], 3))
     if args.json:
         _print_json(result)
-    else:
-        sys.stdout.write("\n")
-        policy = ""
-        if kv:
-            policy = (f"; policy {llm.kv_policy}, budget {args.budget}: {result['evictions']} evictions "
-                      f"({result['tokens_evicted']} tokens), scoring {result['score_ms']:.0f} ms, "
-                      f"evicting {result['evict_ms']:.0f} ms, peak {peak} cells")
-        print(f"[{n_gen} tokens in {dt:.1f} s, {result['tokens_per_s']} tok/s; KV cache holds "
-              f"{cached.size} of {llm.kv_cells} cells{policy}]", file=sys.stderr)
+        return 0
+    sys.stdout.write("\n")
+    lines = [f"{n_gen} tokens in {dt:.1f} s ({result['tokens_per_s']} tok/s); sequence {n_seq} tokens "
+             f"(prompt {n_prompt}); KV cache holds {st['n_cells_used']} of {llm.kv_cells} cells"]
+    if result["kv_bytes"]:
+        mem = f"KV memory allocated {_mib(result['kv_bytes'])}"
+        if full_bytes:
+            mem += f"; full attention would need {_mib(full_bytes)} for this sequence"
+            if kv:
+                mem += f" ({full_bytes / result['kv_bytes']:.1f}x more)"
+        lines.append(mem)
+    if kv:
+        lines.append(f"policy {llm.kv_policy}, budget {args.budget}, interval {args.interval}"
+                     f"{', shift' if args.shift else ''}: {result['evictions']} evictions "
+                     f"({result['tokens_evicted']} tokens), peak {peak} cells, scoring {result['score_ms']:.0f} ms, "
+                     f"evicting {result['evict_ms']:.0f} ms")
+    print("\n".join(f"[{line}]" for line in lines), file=sys.stderr)
     return 0
+
+
+def _chat_prompt(llm, user_text: str) -> str:
+    """The prompt text of a one-message chat, through the model's own chat template."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise CliError("--chat: this model has no chat template (tokenizer.chat_template); drop --chat")
+    eos = llm.detokenize([llm.token_eos()]).decode("utf-8", "replace") if llm.token_eos() >= 0 else ""
+    bos = llm.detokenize([llm.token_bos()]).decode("utf-8", "replace") if llm.token_bos() >= 0 else ""
+    fmt = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+    return fmt(messages=[{"role": "user", "content": user_text}]).prompt
 
 
 # -- info / plot ----------------------------------------------------------------
@@ -335,21 +433,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help="GGUF path or model name (default: smollm2-135m)")
     p.add_argument("-p", "--prompt", default="The three most useful ideas in computer science are",
                    help="prompt text")
+    p.add_argument("-f", "--file", help="read the prompt from this file")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="longest sequence in tokens (default 2048; with --budget the model's trained context)")
     p.add_argument("--budget", type=int, help="KV tokens to keep: evict down to this many (default policy tri)")
-    p.add_argument("--policy", choices=["tri", "streaming", "random", "full"],
-                   help="eviction policy (default: tri with --budget, else full)")
+    p.add_argument("--policy", choices=["tri", "streaming", "random", "snapkv", "full"],
+                   help="eviction policy (default: tri with --budget, else full); snapkv is a slower baseline")
     p.add_argument("--interval", type=int, default=128,
                    help="evict once the cache holds budget + interval tokens (default 128)")
     p.add_argument("--sink", type=int, default=4, help="never evict the first N tokens (default 4)")
     p.add_argument("--window", type=int, default=1, help="never evict the last N tokens (default 1)")
-    p.add_argument("--protect-prompt", action="store_true",
-                   help="never evict the prompt's first batch (n_batch tokens)")
+    p.add_argument("--protect-prompt", action="store_true", help="never evict the prompt")
+    p.add_argument("--shift", action="store_true",
+                   help="after each eviction shift the kept tokens down so positions stay contiguous (and inside "
+                        "the model's trained context for generations longer than it); default: keep their "
+                        "positions, as the paper does")
+    p.add_argument("--calibrate", action="store_true",
+                   help="tri on an uncalibrated model: calibrate it now (once, into the cache directory)")
     p.add_argument("--calib", help="tri: GGUF with this model's triattention.* statistics "
                                    "(default: the model itself)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
+    p.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, help="KV cache type for K (default f16)")
+    p.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, help="KV cache type for V (default f16; "
+                   "quantized V needs flash attention in llama.cpp)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
     p.add_argument("--ignore-eos", action="store_true", help="generate all -n tokens, past end-of-generation tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")

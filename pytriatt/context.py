@@ -132,13 +132,18 @@ class Context:
 
     def set_kv_policy(self, policy: str = "tri", budget: int = 2048, *, interval: int = 128, sink: int = 0,
                       window: int = 1, protect_prompt: bool = False, kv_agg: str = "max", seed: int = 0,
-                      calib: Optional[str | os.PathLike] = None, n_threads: int = 0) -> None:
-        """Attach an eviction policy ("full", "tri", "streaming", "random") run inside llama_decode.
+                      calib: Optional[str | os.PathLike] = None, n_threads: int = 0, shift: bool = False,
+                      snap_window: int = 32) -> None:
+        """Attach an eviction policy ("full", "tri", "streaming", "random", "snapkv") run inside llama_decode.
 
-        tri needs `calib`: a GGUF carrying this model's statistics (default: the model file itself)."""
+        tri needs `calib`: a GGUF carrying this model's statistics (default: the model file itself).
+        shift: after each round move the kept tokens down to contiguous positions (decode() with
+        pos0=None continues from the new end); default: they keep their positions."""
         lc = _llama.require_patched("kv policy")
         types = {"full": lc.LLAMA_KV_POLICY_FULL, "tri": lc.LLAMA_KV_POLICY_TRI,
                  "streaming": lc.LLAMA_KV_POLICY_STREAMING, "random": lc.LLAMA_KV_POLICY_RANDOM}
+        if hasattr(lc, "LLAMA_KV_POLICY_SNAPKV"):
+            types["snapkv"] = lc.LLAMA_KV_POLICY_SNAPKV
         if policy not in types:
             raise ValueError(f"policy must be one of {', '.join(types)}, got {policy!r}")
         if kv_agg not in ("max", "mean"):
@@ -147,6 +152,7 @@ class Context:
         p.type, p.budget, p.interval = types[policy], budget, interval
         p.n_sink, p.n_window, p.protect_prompt = sink, window, protect_prompt
         p.kv_agg_mean, p.seed, p.n_threads = kv_agg == "mean", seed & 0xFFFFFFFF, n_threads
+        p.shift, p.snap_window = shift, snap_window
         self._calib_path = str(calib if calib is not None else self.model.path).encode()
         p.calib_path = self._calib_path
         if lc.llama_set_kv_policy(self.ctx_ptr, ctypes.byref(p)) != 0:
@@ -170,18 +176,22 @@ class Context:
     def remove_positions(self, seq_id: int, positions) -> int:
         return _llama.seq_rm_positions(self, seq_id, positions)
 
+    def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
+        """llama_memory_seq_rm: remove seq_id's tokens with positions in [p0, p1) (-1: open end)."""
+        return bool(self._lc.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
     def clear(self) -> None:
         self._lc.llama_memory_clear(self.memory, True)
 
     def decode(self, tokens: Sequence[int], pos0: Optional[int] = None, seq_id: int = 0,
                logits: str = "last") -> Optional[np.ndarray]:
-        """Decode tokens at positions pos0, pos0+1, ... (default: right after the sequence's newest).
+        """Decode tokens at positions pos0, pos0+1, ... (default: right after the sequence's newest,
+        batch by batch, which follows a policy's shift).
 
         logits: "last" returns the last token's logits [n_vocab], "all" every token's
         [n, n_vocab], "none" nothing. Batches larger than n_batch are split."""
         lc = self._lc
-        if pos0 is None:
-            pos0 = self.pos_max(seq_id) + 1
+        follow = pos0 is None
         n_vocab = self.model.n_vocab
         out = [] if logits == "all" else None
         last = None
@@ -189,9 +199,10 @@ class Context:
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             final = start + len(chunk) == len(tokens)
+            p0 = self.pos_max(seq_id) + 1 if follow else pos0 + start
             for i, tok in enumerate(chunk):
                 b.token[i] = int(tok)
-                b.pos[i] = pos0 + start + i
+                b.pos[i] = p0 + i
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = seq_id
                 b.logits[i] = logits == "all" or (logits == "last" and final and i == len(chunk) - 1)
@@ -199,7 +210,7 @@ class Context:
             rc = lc.llama_decode(self.ctx_ptr, b)
             if rc != 0:
                 raise RuntimeError(
-                    f"llama_decode failed with {rc} at position {pos0 + start}"
+                    f"llama_decode failed with {rc} at position {p0}"
                     + (" (no free KV cell: the context is full)" if rc == 1 else ""))
             if logits == "all":
                 for i in range(len(chunk)):

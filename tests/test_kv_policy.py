@@ -257,3 +257,157 @@ def test_prompt_protection_covers_the_declared_prompt_or_else_the_first_batch(ti
             ctx.decode(_tokens(1, 300 + step), logits="none")
         assert ctx.positions(0).tolist()[:6] == [0, 1, 2, 3, 4, ctx.positions(0).tolist()[5]]
         assert ctx.positions(0).tolist()[5] > 5
+
+
+# -- shift: kept tokens move down to contiguous positions ------------------------------------------
+
+@pytest.mark.parametrize("policy", ["tri", "streaming", "random"])
+def test_shift_keeps_positions_contiguous_and_the_batch_follows(calibrated, policy):
+    m = Model(calibrated("llama"))
+    with Context(m, n_ctx=BUDGET + 64, n_batch=64) as ctx:
+        ctx.set_kv_policy(policy, BUDGET, interval=INTERVAL, sink=2, window=4, shift=True)
+        n_total = 0
+        for step in range(100):
+            n_in = 1 if step % 3 else 6
+            logits = ctx.decode(_tokens(n_in, step))          # pos0=None: continue from the cache's end
+            n_total += n_in
+            held = ctx.positions(0)
+            assert held.tolist() == list(range(held.size))      # no holes, starting at 0
+            assert held.size <= BUDGET + INTERVAL and np.isfinite(logits).all()
+        st = ctx.kv_policy_stats()
+        assert st["n_rounds"] >= 3 and st["n_evicted"] == n_total - held.size
+
+
+def test_a_shifted_cache_is_the_cache_of_the_kept_tokens_decoded_contiguously(tiny_gguf):
+    """streaming + shift keeps the sink and the newest tokens at positions 0..n-1. In a one-layer model
+    a cached K/V depends only on its token and position, so after llama.cpp re-rotates the cached K the
+    next token's logits match a fresh context that decoded just the kept tokens."""
+    m = Model(tiny_gguf("llama", n_layer=1))
+    toks = _tokens(400, 5)
+    with Context(m, n_ctx=256, n_batch=64, type_k="f32") as ctx:
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL, sink=4, shift=True)
+        kept: list[int] = []
+        for i in range(0, 399, 7):
+            chunk = toks[i:min(i + 7, 399)]
+            if len(kept) + len(chunk) > BUDGET + INTERVAL and len(kept) > BUDGET:
+                kept = kept[:4] + kept[-(BUDGET - 4):]
+            ctx.decode(chunk, logits="none")
+            kept += chunk
+        assert ctx.kv_policy_stats()["n_rounds"] >= 5
+        shifted = ctx.decode([toks[399]])
+    with Context(m, n_ctx=256, n_batch=128, type_k="f32") as fresh:
+        ref = fresh.decode(kept + [toks[399]])
+    assert np.abs(shifted - ref).max() <= 1e-3 * np.abs(ref).max()
+
+
+def test_shift_is_refused_where_positions_cannot_move(tmp_path):
+    from pytriatt.tiny import write_tiny_mamba_gguf
+    mm = Model(write_tiny_mamba_gguf(tmp_path / "mamba.gguf"))
+    with Context(mm, n_ctx=256) as ctx:
+        with pytest.raises(ValueError, match="recurrent"):
+            ctx.set_kv_policy("streaming", BUDGET, shift=True)
+
+
+# -- snapkv: keys ranked by the attention of the most recent queries ----------------------------------
+
+def _capture_keys_and_queries():
+    """An eval callback keeping post-RoPE keys by position and the post-RoPE queries in decode order."""
+    from test_core_rope_exact import _GgmlTensor, _ggml, _read
+
+    from pytriatt import _llama
+
+    lc = _llama.require_patched()
+    lib = _ggml()
+    keys: dict = {}
+    queries: dict = {}
+
+    @lc.ggml_backend_sched_eval_callback
+    def cb(ptr, ask, user_data):
+        t = _GgmlTensor.from_address(ptr)
+        name = t.name.decode()
+        if not (name[:5] in ("Kcur-", "Qcur-") and lib.ggml_op_desc(ptr) == b"ROPE"):
+            return not ask
+        if ask:
+            return True
+        post = _read(lib, ptr)[0]                         # [n_tokens, n_head(_kv), head_dim]
+        il = int(name.split("-")[1])
+        if name.startswith("Kcur-"):
+            pos = _read(lib, t.src[1]).ravel()[: post.shape[0]]
+            for p, k in zip(pos.tolist(), post):
+                keys.setdefault(il, {})[int(p)] = k.astype(np.float32)
+        else:
+            queries.setdefault(il, []).extend(q.astype(np.float32) for q in post)
+        return True
+
+    return cb, keys, queries
+
+
+def _snapkv_scores(q, k, n_head_kv, scale, pool=7):
+    """SnapKV's raw scores [n][n_head]: softmax(q.k * scale) over the candidates, summed over the
+    window's queries, max-pooled over neighbouring candidates."""
+    n_head = q.shape[1]
+    kk = np.repeat(k, n_head // n_head_kv, axis=1)                    # [n, n_head, d]
+    logits = np.einsum("whd,nhd->whn", q.astype(np.float64), kk.astype(np.float64)) * scale
+    p = np.exp(logits - logits.max(axis=2, keepdims=True))
+    mass = (p / p.sum(axis=2, keepdims=True)).sum(axis=0).T              # [n, n_head]
+    padded = np.pad(mass, ((pool // 2, pool // 2), (0, 0)), constant_values=-np.inf)
+    return np.stack([padded[i:i + pool].max(axis=0) for i in range(mass.shape[0])])
+
+
+def test_snapkv_evicts_what_its_reference_selects_from_the_recent_queries(tiny_gguf):
+    from pytriatt.core import select
+
+    window = 8
+    m = Model(tiny_gguf("llama"))
+    cb, keys, queries = _capture_keys_and_queries()
+    with Context(m, n_ctx=BUDGET + 64, n_batch=64, n_threads=1, cb_eval=cb, type_k="f32") as ctx:
+        ctx.set_kv_policy("snapkv", BUDGET, interval=INTERVAL, sink=2, window=4, snap_window=window)
+        held = np.zeros(0, np.int64)
+        rounds = agree = 0
+        for step, n_in in enumerate([60, 3, 9, 1, 1, 1, 12, 2, 5] * 4):
+            if held.size + n_in > BUDGET + INTERVAL and held.size > BUDGET:
+                raw = []
+                for il in sorted(keys):
+                    q = np.stack(queries[il][-window:])
+                    k = np.stack([keys[il][p] for p in held])
+                    raw.append(_snapkv_scores(q, k, k.shape[1], 1.0 / np.sqrt(k.shape[2])))
+                held = select("tri", raw, held, int(held.max()), BUDGET, sink=2, window=4,
+                              n_head_kv=keys[0][0].shape[0]).astype(np.int64)
+                rounds += 1
+            p0 = ctx.pos_max(0) + 1
+            ctx.decode(_tokens(n_in, 300 + step), logits="none")
+            held = np.concatenate([held, np.arange(p0, p0 + n_in)])
+            assert ctx.positions(0).tolist() == held.tolist(), f"after round {rounds}"
+        assert rounds >= 3 and ctx.kv_policy_stats()["n_rounds"] == rounds
+
+
+def test_snapkv_needs_a_single_sequence_context(tiny_gguf):
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=256, n_seq_max=2) as ctx:
+        with pytest.raises(ValueError, match="one sequence"):
+            ctx.set_kv_policy("snapkv", BUDGET)
+
+
+# -- counters are per sequence; a reused sequence starts fresh ----------------------------------------
+
+def test_counters_are_per_sequence_and_a_cleared_sequence_starts_afresh(tiny_gguf):
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=256, n_batch=64, n_seq_max=2) as ctx:
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL, protect_prompt=True)
+        ctx.decode(_tokens(50, 1), seq_id=0, logits="none")          # seq 0: a 50-token prompt
+        for step in range(20):
+            ctx.decode(_tokens(4, step), seq_id=0, logits="none")
+        ctx.decode(_tokens(10, 2), seq_id=1, logits="none")
+        s0, s1, total = (ctx.kv_policy_stats(s) for s in (0, 1, -1))
+        assert s0["n_rounds"] >= 1 and s1["n_rounds"] == 0 and total["n_rounds"] == s0["n_rounds"]
+        assert ctx.positions(0)[:50].tolist() == list(range(50))      # the prompt is protected
+        # seq 0 is cleared and reused by a short prompt: no stale counters, no stale protection
+        assert ctx.seq_rm(0) and ctx.kv_policy_stats(0)["n_cells_used"] == 0
+        ctx.decode(_tokens(8, 3), seq_id=0, logits="none")
+        assert ctx.kv_policy_stats(0)["n_rounds"] == 0
+        for step in range(30):
+            ctx.decode(_tokens(4, 100 + step), seq_id=0, logits="none")
+        held = ctx.positions(0)
+        assert held[:8].tolist() == list(range(8)) and held[8] > 50   # only the new 8-token prompt is kept
+        assert ctx.kv_policy_stats(0)["n_evicted"] == 128 - held.size
+        assert ctx.kv_policy_stats(-1)["n_rounds"] > ctx.kv_policy_stats(0)["n_rounds"]

@@ -271,7 +271,7 @@ def test_cli_tri_is_the_default_policy_with_a_budget_and_needs_a_calibration(tin
     r = run_cli("run", str(tiny), "--policy", "streaming", "-n", "10")
     assert r.returncode == 2 and "needs --budget" in r.stderr
     r = run_cli("run", str(tiny), "--policy", "streaming", "--budget", "0", "-n", "10")
-    assert r.returncode == 2 and "budget and interval must be >= 1" in r.stderr
+    assert r.returncode == 2 and "--budget and --interval must be >= 1" in r.stderr
     assert "Traceback" not in r.stderr
 
 
@@ -301,3 +301,30 @@ def test_kv_protect_prompt_keeps_the_whole_prompt_even_when_it_spans_several_bat
     assert llm.kv_policy_stats()["n_rounds"] > 0
     held = pytriatt.seq_positions(llm, 0).tolist()
     assert held[: len(prompt)] == list(range(len(prompt)))
+
+
+# -- position modes and the snapkv baseline ------------------------------------------------
+
+def test_kv_shift_generates_past_the_trained_context_with_positions_inside_it(tmp_path):
+    from pytriatt.tiny import write_tiny_gguf
+    short = write_tiny_gguf(tmp_path / "short.gguf", n_ctx_train=256)
+    llm = make(short, "streaming", n_ctx=2048, kv_shift=True)
+    prompt = prompt_tokens(llm, 4)
+    used = []
+    out = generate(llm, prompt, 900, used)
+    assert len(out) == 900 and max(used) <= BUDGET + INTERVAL
+    pos = pytriatt.seq_positions(llm, 0)
+    assert pos.tolist() == list(range(pos.size))          # contiguous, far below the 256 trained positions
+    assert llm.n_tokens > 3 * 256 and llm.kv_policy_stats()["shift"] is True
+    # continuing the same text reuses the cache (the prefix extends past the latest round)
+    more = generate(llm, prompt + out[:-1] + llm.tokenize(b" and", add_bos=False), 40)
+    pos = pytriatt.seq_positions(llm, 0)
+    assert len(more) == 40 and pos.tolist() == list(range(pos.size))
+
+
+def test_snapkv_runs_through_the_high_level_api(tiny):
+    llm = make(tiny, "snapkv")
+    used = []
+    out = generate(llm, prompt_tokens(llm), 4 * BUDGET, used)
+    assert len(out) == 4 * BUDGET and max(used) <= BUDGET + INTERVAL
+    assert llm.kv_policy_stats()["n_rounds"] >= 3 and llm.kv_policy == "snapkv"
