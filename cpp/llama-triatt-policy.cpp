@@ -7,6 +7,7 @@
 #include "llama-context.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache.h"
+#include "llama-impl.h"
 #include "llama-model.h"
 
 #include "ggml-backend.h"
@@ -54,7 +55,48 @@ static llama_kv_cache * triatt_full_cache(llama_context & ctx) {
     return nullptr;
 }
 
-// read the triattention.* statistics of a GGUF file into cal (shape fields must already be set)
+// the calibration must belong to this model: a copy of it (pytriatt calibrate writes the model with the
+// statistics added) carries the same architecture hyper-parameters ({arch}.*, general.architecture/name)
+// and vocabulary size; quantizations of one model share them, so their statistics transfer
+static bool triatt_check_same_model(gguf_context * g, const char * path, const llama_model & model, std::string & err) {
+    char key[256];
+    char val[1024];
+    const int32_t n_meta = llama_model_meta_count(&model);
+    std::string arch;
+    if (llama_model_meta_val_str(&model, "general.architecture", val, sizeof(val)) >= 0) {
+        arch = val;
+    }
+    const bool full_copy = gguf_find_key(g, (arch + ".block_count").c_str()) >= 0;
+    for (int32_t i = 0; i < n_meta; ++i) {
+        if (llama_model_meta_key_by_index(&model, i, key, sizeof(key)) < 0 ||
+            llama_model_meta_val_str_by_index(&model, i, val, sizeof(val)) < 0) {
+            continue;
+        }
+        const std::string k = key;
+        const bool identity = k == "general.architecture" || k == "general.name";
+        const bool hparam   = k.rfind(arch + ".", 0) == 0;
+        if (!identity && !(hparam && full_copy)) {
+            continue;
+        }
+        const int64_t id = gguf_find_key(g, key);
+        const std::string theirs = id >= 0 ? gguf_kv_to_str(g, (int) id) : std::string("(absent)");
+        if (theirs.substr(0, sizeof(val) - 1) != val) {
+            err = std::string(path) + " holds statistics of another model (" + k + " '" + theirs.substr(0, 64) +
+                  "', this model: '" + std::string(val).substr(0, 64) + "'): calibrate this model";
+            return false;
+        }
+    }
+    const int64_t id_tok = gguf_find_key(g, "tokenizer.ggml.tokens");
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(&model));
+    if (full_copy && id_tok >= 0 && (gguf_get_kv_type(g, id_tok) != GGUF_TYPE_ARRAY || (int64_t) gguf_get_arr_n(g, id_tok) != n_vocab)) {
+        err = std::string(path) + " holds statistics of a model with another vocabulary: calibrate this model";
+        return false;
+    }
+    return true;
+}
+
+// read the triattention.* statistics of a GGUF file into cal (shape fields must already be set); every
+// value is checked before use: the file may come from anywhere
 static bool triatt_read_calib(const char * path, const llama_model & model, triatt_calib & cal, std::string & err) {
     gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ nullptr };
     gguf_context * g = gguf_init_from_file(path, gp);
@@ -62,46 +104,48 @@ static bool triatt_read_calib(const char * path, const llama_model & model, tria
         err = std::string("cannot read ") + path + " as GGUF";
         return false;
     }
+    bool ok = true;
+    // 0: read, 1: absent, 2: wrong type
     auto u32 = [&](const char * key, uint32_t & out) {
         const int64_t id = gguf_find_key(g, key);
-        if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32) {
-            return false;
+        if (id < 0) {
+            return 1;
+        }
+        if (gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32) {
+            err = std::string(path) + ": " + key + " is not a uint32: the file is damaged; calibrate the model again";
+            return 2;
         }
         out = gguf_get_val_u32(g, id);
-        return true;
+        return 0;
     };
-    bool ok = true;
     uint32_t version = 0, n_layer = 0, n_head = 0, n_freq = 0;
-    if (!u32("triattention.version", version) || !u32("triattention.n_layer", n_layer) ||
-        !u32("triattention.n_head", n_head) || !u32("triattention.n_freq", n_freq)) {
+    int rc = 0;
+    for (auto [key, out] : { std::pair<const char *, uint32_t *>{ "triattention.version", &version },
+                             { "triattention.n_layer", &n_layer }, { "triattention.n_head", &n_head },
+                             { "triattention.n_freq", &n_freq } }) {
+        rc = std::max(rc, u32(key, *out));
+        if (rc == 2) {
+            break;
+        }
+    }
+    if (rc == 1) {
         err = std::string(path) + " carries no TriAttention statistics (triattention.* metadata); "
               "add them with: pytriatt calibrate MODEL -o OUT.gguf";
+        ok = false;
+    } else if (rc == 2) {
         ok = false;
     } else if (version != TRIATT_CALIB_VERSION) {
         err = std::string(path) + ": unsupported triattention.version " + std::to_string(version);
         ok = false;
-    } else if ((int32_t) n_layer != cal.n_layer || (int32_t) n_head != cal.n_head || (int32_t) n_freq > cal.head_dim / 2) {
+    } else if (n_layer != (uint32_t) cal.n_layer || n_head != (uint32_t) cal.n_head || n_freq < 1 ||
+               n_freq > (uint32_t) cal.head_dim / 2) {
         err = std::string(path) + " holds statistics for another model shape (" + std::to_string(n_layer) + " layers, " +
-              std::to_string(n_head) + " heads; this model has " + std::to_string(cal.n_layer) + ", " +
-              std::to_string(cal.n_head) + "): calibrate this model";
+              std::to_string(n_head) + " heads, " + std::to_string(n_freq) + " bands; this model has " +
+              std::to_string(cal.n_layer) + ", " + std::to_string(cal.n_head) + ", at most " +
+              std::to_string(cal.head_dim / 2) + "): calibrate this model";
         ok = false;
     }
-    // the statistics must belong to this model: same architecture and name
-    for (const char * key : { "general.architecture", "general.name" }) {
-        if (!ok) {
-            break;
-        }
-        const int64_t id = gguf_find_key(g, key);
-        char buf[256] = { 0 };
-        const int32_t n = llama_model_meta_val_str(&model, key, buf, sizeof(buf));
-        const std::string mine = n >= 0 ? buf : "";
-        const std::string theirs = (id >= 0 && gguf_get_kv_type(g, id) == GGUF_TYPE_STRING) ? gguf_get_val_str(g, id) : "";
-        if (mine != theirs) {
-            err = std::string(path) + " holds statistics of another model (" + key + " '" + theirs + "', this model: '" +
-                  mine + "'): calibrate this model";
-            ok = false;
-        }
-    }
+    ok = ok && triatt_check_same_model(g, path, model, err);
     const size_t n = (size_t) n_layer * n_head * n_freq;
     auto arr = [&](const char * key, std::vector<float> & out) {
         const int64_t id = gguf_find_key(g, key);
@@ -124,6 +168,16 @@ static bool triatt_read_calib(const char * path, const llama_model & model, tria
         cal.n_freq = (int32_t) n_freq;
         ok = arr("triattention.q_mean_real", cal.q_mean_re) && arr("triattention.q_mean_imag", cal.q_mean_im) &&
              arr("triattention.q_abs_mean", cal.q_abs_mean);
+    }
+    // statistics, not just numbers: E|q| >= 0 and |E q| <= E|q| (up to rounding)
+    for (size_t i = 0; ok && i < n; ++i) {
+        const float a = cal.q_abs_mean[i];
+        const float m = std::hypot(cal.q_mean_re[i], cal.q_mean_im[i]);
+        if (a < 0.0f || m > a * (1.0f + 1e-4f) + 1e-12f) {
+            err = std::string(path) + ": the statistics are inconsistent (|E q| > E|q| or E|q| < 0 at index " +
+                  std::to_string(i) + "): the file is damaged; calibrate the model again";
+            ok = false;
+        }
     }
     gguf_free(g);
     return ok;
@@ -584,6 +638,7 @@ void llama_kv_policy_free_impl(llama_kv_policy * policy) {
 bool llama_kv_policy_before_batch(llama_kv_policy * policy, llama_context & ctx, llama_batch_allocr & balloc) {
     if (!policy->before_batch(ctx, balloc)) {
         LLAMA_LOG_ERROR("%s: %s\n", __func__, policy->error.c_str());
+        g_kv_policy_error = policy->error; // llama_decode returns -1: say why through llama_kv_policy_last_error()
         return false;
     }
     return true;
@@ -670,11 +725,22 @@ struct llama_kv_policy_stats llama_get_kv_policy_stats(const struct llama_contex
     st.n_cells_used = 0;
     if (mem && seq_id >= 0) {
         st.n_cells_used = llama_memory_seq_positions(mem, seq_id, nullptr, 0);
+        if (st.n_cells_used == 0) {
+            // an empty sequence has no history: its counters start again with its next batch
+            st.n_rounds = st.n_evicted = 0;
+            st.t_score_ms = st.t_evict_ms = 0.0;
+        }
     } else if (mem) {
         for (llama_seq_id s = 0; s < (llama_seq_id) llama_n_seq_max(ctx); ++s) {
             st.n_cells_used += std::max(0, llama_memory_seq_positions(mem, s, nullptr, 0));
         }
     }
     st.n_cells = (int32_t) llama_n_ctx(ctx);
+    st.kv_bytes = 0;
+    if (mem) {
+        for (const auto & [buft, size] : mem->memory_breakdown()) {
+            st.kv_bytes += size;
+        }
+    }
     return st;
 }

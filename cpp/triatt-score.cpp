@@ -65,8 +65,11 @@ public:
         }
         stop();
         quit = false;
+        // new workers wait for the next job: starting from generation 0 they would run the
+        // finished last one again (stale job, and a second decrement of n_active)
+        const uint64_t seen = generation;
         for (int i = 1; i < n_threads; ++i) {
-            workers.emplace_back([this, i] { loop(i); });
+            workers.emplace_back([this, i, seen] { loop(i, seen); });
         }
     }
 
@@ -115,8 +118,7 @@ private:
         }
     }
 
-    void loop(int thread) {
-        uint64_t seen = 0;
+    void loop(int thread, uint64_t seen) {
         for (;;) {
             {
                 std::unique_lock<std::mutex> lk(m);

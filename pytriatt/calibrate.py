@@ -147,9 +147,9 @@ def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_S
         raise ValueError("--tokens must be positive")
     if n_ctx < 16:
         raise ValueError("--ctx must be at least 16")
-    import gguf
+    from .core import _reader
 
-    header = gguf.GGUFReader(str(model_path))   # parsed once: the RoPE and the fingerprint read the same header
+    header = _reader(model_path)   # parsed once (after a bounds-checked look): the RoPE and the fingerprint read it
     rope = RopeSpec.from_gguf(header)   # refuses architectures without a supported RoPE, clearly
     fingerprint = model_fingerprint(header)
     model = Model(model_path, n_gpu_layers=n_gpu_layers)

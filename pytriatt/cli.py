@@ -249,13 +249,16 @@ def cmd_run(args) -> int:
         _llama.require_patched("kv policy")
     # with a KV budget the sequence may grow to the model's trained context by default
     n_ctx = args.ctx_size if args.ctx_size is not None else (0 if kv else 2048)
-    types = {}
+    extra = {}
     for flag, name in (("type_k", args.cache_type_k), ("type_v", args.cache_type_v)):
         if name:
-            types[flag] = _ggml_type(lc, name)
+            extra[flag] = _ggml_type(lc, name)
     try:
+        # with a budget, batches of one interval keep the cache at budget + interval cells
+        if kv:
+            extra["n_batch"] = max(32, min(512, args.interval))
         llm = lc.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=args.n_gpu_layers,
-                       seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")), **types, **kv)
+                       seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")), **extra, **kv)
     except ValueError as e:
         if str(e).startswith("kv_policy"):
             raise CliError(str(e)) from None
@@ -269,6 +272,9 @@ def cmd_run(args) -> int:
     n_prompt = len(prompt_tokens)
     if n_prompt == 0 or not args.prompt.strip():
         raise CliError("the prompt is empty")
+    if kv and args.protect_prompt and max(n_prompt, args.sink) + max(args.window, 1) > args.budget:
+        raise CliError(f"--protect-prompt keeps all {n_prompt} prompt tokens (+ --window {args.window}), more "
+                       f"than --budget {args.budget}: raise --budget or leave out --protect-prompt")
     if n_prompt + args.n_predict > llm.n_ctx():
         raise CliError(f"prompt ({n_prompt} tokens) + {args.n_predict} new tokens exceed the context of "
                        f"{llm.n_ctx()}; raise -c/--ctx-size")
@@ -324,8 +330,10 @@ def cmd_run(args) -> int:
         mem = f"KV memory allocated {_mib(result['kv_bytes'])}"
         if full_bytes:
             mem += f"; full attention would need {_mib(full_bytes)} for this sequence"
-            if kv:
-                mem += f" ({full_bytes / result['kv_bytes']:.1f}x more)"
+            if kv and full_bytes > result["kv_bytes"]:
+                mem += f" ({full_bytes / result['kv_bytes']:.1f}x the allocation)"
+            elif kv:
+                mem += " (the sequence is still shorter than the cache)"
         lines.append(mem)
     if kv:
         lines.append(f"policy {llm.kv_policy}, budget {args.budget}, interval {args.interval}"

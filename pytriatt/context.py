@@ -115,6 +115,8 @@ class Context:
         params.n_threads_batch = nt
         for name, t in (("type_k", type_k), ("type_v", type_v)):
             if t is not None:
+                if t not in _GGML_TYPES:
+                    raise ValueError(f"{name} must be one of {', '.join(_GGML_TYPES)}, got {t!r}")
                 setattr(params, name, _GGML_TYPES[t])
         if cb_eval is not None:
             params.cb_eval = cb_eval

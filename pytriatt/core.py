@@ -348,6 +348,14 @@ def _reader(path_or_reader):
     path = os.fspath(path_or_reader)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no such GGUF file: {path}")
+    # gguf's reader trusts the file: an array claiming 2^60 elements makes it loop for ever. The
+    # header parser of gguf_io bounds every length by the file size and says what is wrong.
+    from . import gguf_io
+
+    try:
+        gguf_io.read_header(path)
+    except ValueError as e:
+        raise CalibrationError(f"not a readable GGUF file: {e}") from None
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # gguf raises ValueError/struct errors for non-GGUF files
@@ -368,11 +376,52 @@ def _scalar(r, key: str, default=None):
     if t == gguf.GGUFValueType.ARRAY:
         raise CalibrationError(f"GGUF key {key} is an array, expected a scalar")
     if t == gguf.GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8")
+        return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
     v = f.parts[f.data[0]][0]
     if t == gguf.GGUFValueType.BOOL:
         return bool(v)
     return v.item()
+
+
+_INT_TYPE_NAMES = ("UINT8", "INT8", "UINT16", "INT16", "UINT32", "INT32", "UINT64", "INT64")
+
+# llama.cpp refuses more layers than this (LLAMA_MAX_LAYERS is 512); the bound keeps a hostile
+# block count from making per-layer lists of billions of entries
+_MAX_LAYERS = 4096
+
+
+def _type_name(f) -> str:
+    import gguf
+
+    t = gguf.GGUFValueType(f.types[0]).name.lower()
+    if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1:
+        t += f" of {gguf.GGUFValueType(f.types[-1]).name.lower()}"
+    return t
+
+
+def _int(r, key: str, default=None):
+    """An integer hyperparameter: any GGUF integer type (llama.cpp refuses other types too)."""
+    f = _field(r, key)
+    if f is None:
+        return default
+    import gguf
+
+    if gguf.GGUFValueType(f.types[0]).name not in _INT_TYPE_NAMES:
+        raise CalibrationError(f"GGUF key {key} has type {_type_name(f)}, expected an integer: the file is malformed")
+    return int(f.parts[f.data[0]][0])
+
+
+def _calib_u32(r, key: str, where: str) -> int:
+    """A required uint32 key of the calibration (docs/calibration-format.md), as libllama reads it."""
+    f = _field(r, key)
+    if f is None:
+        raise CalibrationError(f"{where}: {key} is missing; re-create the calibration with pytriatt calibrate")
+    import gguf
+
+    if f.types[0] != gguf.GGUFValueType.UINT32:
+        raise CalibrationError(f"{where}: {key} has type {_type_name(f)}, expected uint32 "
+                               f"(docs/calibration-format.md); re-create the calibration with pytriatt calibrate")
+    return int(f.parts[f.data[0]][0])
 
 
 def _array(r, key: str, dtype=None) -> Optional[np.ndarray]:
@@ -408,11 +457,13 @@ def _scalar_or_array(r, key: str, n_layer: int, default):
     import gguf
 
     if f.types[0] == gguf.GGUFValueType.ARRAY:
+        if gguf.GGUFValueType(f.types[-1]).name not in _INT_TYPE_NAMES:
+            raise CalibrationError(f"GGUF key {key} has type {_type_name(f)}, expected integers: the file is malformed")
         a = _array(r, key)
         if len(a) != n_layer:
             raise CalibrationError(f"GGUF key {key}: {len(a)} values for {n_layer} layers")
         return [int(v) for v in a]
-    return [int(_scalar(r, key))] * n_layer
+    return [_int(r, key)] * n_layer
 
 
 def _arch(r) -> str:
@@ -435,11 +486,12 @@ def _tensor(r, name: str) -> Optional[np.ndarray]:
 
 def _model_shape(r) -> Dict[str, Any]:
     arch = _arch(r)
-    n_layer = _scalar(r, f"{arch}.block_count")
+    n_layer = _int(r, f"{arch}.block_count")
     if n_layer is None:
         raise CalibrationError(f"GGUF file has no {arch}.block_count")
-    n_layer = int(n_layer)
-    n_embd = int(_scalar(r, f"{arch}.embedding_length", 0))
+    if not 0 < n_layer <= _MAX_LAYERS:
+        raise CalibrationError(f"{arch}.block_count is {n_layer}, expected 1..{_MAX_LAYERS}: the file is malformed")
+    n_embd = _int(r, f"{arch}.embedding_length", 0)
     heads = _scalar_or_array(r, f"{arch}.attention.head_count", n_layer, 0)
     heads_kv = _scalar_or_array(r, f"{arch}.attention.head_count_kv", n_layer, None)
     heads_kv = [h if hk is None else hk for h, hk in zip(heads, heads_kv)]
@@ -447,7 +499,7 @@ def _model_shape(r) -> Dict[str, Any]:
     if not attn:
         raise NotImplementedError(f"architecture {arch!r}: no attention heads")
     n_head = attn[0]
-    head_dim = int(_scalar(r, f"{arch}.attention.key_length", n_embd // n_head if n_embd else 0))
+    head_dim = _int(r, f"{arch}.attention.key_length", n_embd // n_head if n_embd else 0)
     return dict(arch=arch, n_layer=n_layer, n_embd=n_embd, heads=heads, heads_kv=heads_kv, head_dim=head_dim)
 
 
@@ -469,6 +521,7 @@ def _rope_from_reader(
             f"architecture {arch!r}: RoPE reading not verified against llama.cpp (verified: "
             f"{', '.join(VERIFIED_ARCHS)}); pass strict=False to use the generic reading")
     key = lambda name, default=None: _scalar(r, f"{arch}.{name}", default)  # noqa: E731
+    ikey = lambda name, default=None: _int(r, f"{arch}.{name}", default)  # noqa: E731
 
     head_dim = shape["head_dim"]
     heads = shape["heads"]
@@ -476,8 +529,8 @@ def _rope_from_reader(
         raise NotImplementedError(f"architecture {arch!r}: per-layer head counts are not supported")
 
     # --- llama_model_base::load_hparams ---
-    n_ctx_train = int(key("context_length", 0))
-    n_ctx_orig_yarn = int(key("rope.scaling.original_context_length", n_ctx_train))
+    n_ctx_train = ikey("context_length", 0)
+    n_ctx_orig_yarn = ikey("rope.scaling.original_context_length", n_ctx_train)
     freq_base_train = _f32(key("rope.freq_base", 10000.0))
     scaling_train = str(key("rope.scaling.type", "linear"))
     if scaling_train not in _SCALING_TYPES:
@@ -488,9 +541,9 @@ def _rope_from_reader(
     ropescale = _f32(ropescale)
     freq_scale_train = 1.0 if ropescale == 0.0 else _f32(1.0 / np.float32(ropescale))
     rope_attn_factor = _f32(key("rope.scaling.attn_factor", 1.0))
-    n_rot_full = int(key("rope.dimension_count", head_dim))
-    head_dim_swa = int(key("attention.key_length_swa", head_dim))
-    n_rot_swa = int(key("rope.dimension_count_swa", n_rot_full))
+    n_rot_full = ikey("rope.dimension_count", head_dim)
+    head_dim_swa = ikey("attention.key_length_swa", head_dim)
+    n_rot_swa = ikey("rope.dimension_count_swa", n_rot_full)
     if arch in ("llama", "deci", "falcon", "llama-embed") and n_rot_full != head_dim:
         raise CalibrationError(f"invalid n_rot: {n_rot_full}, expected {head_dim}")
     # yarn_* hyperparameters: only some architectures read them (others keep the defaults)
@@ -509,7 +562,7 @@ def _rope_from_reader(
     freq_base_swa = 10000.0
     freq_scale_swa = 1.0
     if arch == "gemma3":
-        n_swa = int(key("attention.sliding_window", 0))
+        n_swa = ikey("attention.sliding_window", 0)
         if n_swa > 0:
             f = _field(r, f"{arch}.attention.sliding_window_pattern")
             import gguf
@@ -520,7 +573,7 @@ def _rope_from_reader(
                     raise CalibrationError(f"{arch}.attention.sliding_window_pattern: {len(pat)} values for {n_layer} layers")
                 is_swa = [bool(v) for v in pat[:n_layer]]
             else:
-                n_pattern = int(key("attention.sliding_window_pattern", 6))
+                n_pattern = ikey("attention.sliding_window_pattern", 6)
                 is_swa = [n_pattern == 0 or (il % n_pattern < n_pattern - 1) for il in range(n_layer)]
             freq_base_swa = _f32(key("rope.freq_base_swa", 10000.0))
 
@@ -825,28 +878,52 @@ class Calibration:
             raise CalibrationError(
                 f"{where}: no TriAttention calibration (no {_KEY}version key); "
                 f"create one with: pytriatt calibrate MODEL.gguf -o MODEL.tri.gguf")
-        version = int(_scalar(r, _KEY + "version"))
+        version = _calib_u32(r, _KEY + "version", where)
         if version != CALIB_VERSION:
             raise CalibrationError(f"{where}: calibration format version {version}, this pytriatt reads {CALIB_VERSION}")
-        try:
-            L = int(_scalar(r, _KEY + "n_layer"))
-            H = int(_scalar(r, _KEY + "n_head"))
-            F = int(_scalar(r, _KEY + "n_freq"))
-        except TypeError:
-            raise CalibrationError(f"{where}: {_KEY}n_layer, n_head and n_freq are required") from None
+        L, H, F = (_calib_u32(r, _KEY + k, where) for k in ("n_layer", "n_head", "n_freq"))
         arrays = {}
+        import gguf
+
         for k in ("q_mean_real", "q_mean_imag", "q_abs_mean"):
-            a = _array(r, _KEY + k, np.float32)
-            if a is None:
+            f = _field(r, _KEY + k)
+            if f is None:
                 raise CalibrationError(f"{where}: missing {_KEY}{k}")
+            # (gguf's reader records no element type for an empty array: the size check decides then)
+            if f.types[0] != gguf.GGUFValueType.ARRAY or (len(f.types) > 1 and f.types[-1] != gguf.GGUFValueType.FLOAT32):
+                raise CalibrationError(f"{where}: {_KEY}{k} has type {_type_name(f)}, expected an array of float32 "
+                                       f"(docs/calibration-format.md); re-create the calibration")
+            a = _array(r, _KEY + k, np.float32)
             if a.size != L * H * F:
                 raise CalibrationError(
                     f"{where}: {_KEY}{k} holds {a.size} values, expected n_layer*n_head*n_freq = {L}*{H}*{F}")
             if not np.all(np.isfinite(a)):
                 raise CalibrationError(f"{where}: {_KEY}{k} holds non-finite values")
             arrays[k] = a.reshape(L, H, F)
+        if np.any(arrays["q_abs_mean"] < 0):
+            raise CalibrationError(f"{where}: {_KEY}q_abs_mean (E|q_f|) holds negative values; the statistics "
+                                   f"are corrupt: re-create the calibration")
+        # |E q_f| <= E|q_f| always holds (float32 rounding aside): otherwise the arrays are not statistics
+        # of one set of queries (swapped, scaled or corrupt) and S_norm would reward the wrong keys
+        mod = np.hypot(arrays["q_mean_real"].astype(np.float64), arrays["q_mean_imag"].astype(np.float64))
+        a64 = arrays["q_abs_mean"].astype(np.float64)
+        if np.any(mod > a64 * (1 + 1e-4) + 1e-30):
+            raise CalibrationError(f"{where}: |E q_f| exceeds E|q_f| (q_mean vs q_abs_mean); the statistics are "
+                                   f"inconsistent: re-create the calibration")
+        for k, key_t in (("calib_tokens", "an integer"), ("calib_source", "a string"),
+                         ("model_fingerprint", "a string")):
+            f = _field(r, _KEY + k)
+            if f is not None and (f.types[0] == gguf.GGUFValueType.ARRAY
+                                  or (key_t == "a string") != (f.types[0] == gguf.GGUFValueType.STRING)):
+                raise CalibrationError(f"{where}: {_KEY}{k} has type {_type_name(f)}, expected {key_t}")
         fp = str(_scalar(r, _KEY + "model_fingerprint", "") or "")
         mr = r if model is None else _reader(model)
+        # the shape against the model's before its RoPE is read (a hostile block count costs nothing then)
+        shape = _model_shape(mr)
+        if (L, H) != (shape["n_layer"], shape["heads"][0]):
+            raise FingerprintMismatchError(
+                f"{where}: statistics shaped [n_layer={L}, n_head={H}] do not fit the model "
+                f"[n_layer={shape['n_layer']}, n_head={shape['heads'][0]}]: calibrate this model (pytriatt calibrate)")
         if model is not None and check_fingerprint:
             mfp = model_fingerprint(mr)
             if fp != mfp:
@@ -854,7 +931,6 @@ class Calibration:
                     f"the statistics in {where} belong to model {fp!r}, not to {mfp!r}: "
                     f"calibrate this model (pytriatt calibrate) or pass check_fingerprint=False")
         rope = RopeSpec.from_gguf(mr, strict=strict, **rope_overrides)
-        shape = _model_shape(mr)
         if (L, H, F) != (rope.n_layer, shape["heads"][0], rope.n_freq):
             raise FingerprintMismatchError(
                 f"{where}: statistics shaped [n_layer={L}, n_head={H}, n_freq={F}] do not fit the model "
@@ -863,7 +939,7 @@ class Calibration:
         return cls(
             q_mean, arrays["q_abs_mean"], rope,
             n_head_kv=shape["heads_kv"][0],
-            calib_tokens=int(_scalar(r, _KEY + "calib_tokens", 0) or 0),
+            calib_tokens=max(0, _int(r, _KEY + "calib_tokens", 0)),
             calib_source=str(_scalar(r, _KEY + "calib_source", "") or ""),
             model_fingerprint=fp,
         )

@@ -289,9 +289,13 @@ def _parse(mm, size: int, version: int, path: Path) -> GGUFHeader:
         raise _Truncated()
     kv_start = cur.pos
     kvs: List[KeyValue] = []
+    seen = set()
     for _ in range(n_kv):
         start = cur.pos
         key = cur.string()
+        if key in seen:  # llama.cpp refuses such files; readers disagree on which value counts
+            raise _corrupt(path, f"duplicate metadata key {key!r}")
+        seen.add(key)
         vtype = cur.u32()
         value, itype = _read_value(cur, vtype, path)
         kvs.append(KeyValue(key, vtype, value, start, cur.pos, itype))

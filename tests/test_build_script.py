@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,39 @@ def test_the_patches_apply_cleanly_and_stamp_the_version(monkeypatch, real_sdist
     mtime = header.stat().st_mtime_ns
     assert bl.main(["--sdist", str(real_sdist), "--prepare-only"]) == 0
     assert header.stat().st_mtime_ns == mtime
+
+
+def test_tools_are_built_from_the_patched_tree_into_their_own_build_dir(monkeypatch, capsys, real_sdist,
+                                                                        scratch_cache):
+    monkeypatch.setenv("PYTRIATT_BUILD_CACHE", str(scratch_cache))
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    monkeypatch.setenv("CMAKE_BUILD_PARALLEL_LEVEL", "2")
+    calls = []
+    real_run = subprocess.run
+
+    def fake_run(cmd, **kw):   # record CMake's steps; "build" the programs as empty files
+        if cmd[0] != "cmake":
+            return real_run(cmd, **kw)   # patch
+        calls.append([str(c) for c in cmd])
+        if "--build" in cmd:
+            bindir = Path(cmd[cmd.index("--build") + 1]) / "bin"
+            bindir.mkdir(parents=True, exist_ok=True)
+            for name in bl.TOOLS:
+                (bindir / name).write_text("")
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bl.subprocess, "run", fake_run)
+    assert bl.main(["--sdist", str(real_sdist), "--tools"]) == 0
+    out = capsys.readouterr().out
+    build_dir = scratch_cache / "build" / "tools-cpu"
+    # stdout is the programs' paths, one a line
+    assert out.split() == [str(build_dir / "bin" / name) for name in bl.TOOLS]
+    configure, build = calls
+    src = scratch_cache / "src" / f"llama_cpp_python-{bl.VERSION}" / "vendor" / "llama.cpp"
+    assert configure[:5] == ["cmake", "-S", str(src), "-B", str(build_dir)]
+    assert "-DLLAMA_BUILD_SERVER=ON" in configure and "-DGGML_RPC=ON" in configure
+    assert f"-DLLAMA_TRIATT_DIR={REPO / 'cpp'}" in configure      # the core compiled into libllama
+    assert "-DLLAMA_USE_PREBUILT_UI=OFF" in configure              # no download during the build
+    assert build == ["cmake", "--build", str(build_dir), "--target", *bl.TOOLS, "-j", "2"]
+    # and the sources it built carry the KV-policy arguments
+    assert "--kv-policy" in (src / "common" / "arg.cpp").read_text()

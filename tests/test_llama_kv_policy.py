@@ -328,3 +328,21 @@ def test_snapkv_runs_through_the_high_level_api(tiny):
     out = generate(llm, prompt_tokens(llm), 4 * BUDGET, used)
     assert len(out) == 4 * BUDGET and max(used) <= BUDGET + INTERVAL
     assert llm.kv_policy_stats()["n_rounds"] >= 3 and llm.kv_policy == "snapkv"
+
+
+def test_the_memory_summary_is_what_llama_cpp_allocated(tiny, tiny_cal):
+    """kv_bytes is the size of llama.cpp's KV buffers: f16 K and V rows of every layer for every cell
+    (tiny llama: 2 layers x (2 KV heads x 16 dims) x 2 bytes x (K + V) = 256 bytes a cell), and the
+    CLI's full-attention figure is that per cell times the sequence."""
+    llm = make(tiny_cal, "streaming")
+    st = llm.kv_stats()
+    assert st["kv_bytes"] == 256 * st["n_cells"] == 256 * llm.kv_cells
+    full = llama_cpp.Llama(str(tiny), n_ctx=512, verbose=False)
+    assert full.kv_stats()["kv_bytes"] == 256 * 512 and full.kv_stats()["n_cells"] == 512
+    r = run_cli("run", str(tiny_cal), "--budget", "64", "--interval", "32", "--policy", "streaming",
+                "-n", "300", "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["kv_cells"] == 256 and res["kv_bytes"] == 256 * 256          # 64 + 32 rounded up to 256
+    assert res["kv_bytes_full_attention"] == 256 * (res["n_prompt"] + res["n_generated"])
+    assert res["evictions"] >= 5 and res["kv_cells_peak"] <= 64 + 32

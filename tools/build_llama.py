@@ -18,6 +18,10 @@ What it does, in order:
 The cache is $PYTRIATT_BUILD_CACHE, or ~/.cache/pytriatt/llama-build.
 CMAKE_ARGS passes through to CMake (default: a CPU build). For NVIDIA GPUs:
     CMAKE_ARGS="-DGGML_CUDA=ON" python tools/build_llama.py
+
+With --tools it builds llama.cpp's own programs from the same patched tree
+instead of the Python package: llama-server, llama-cli and ggml-rpc-server, in
+<cache>/build/tools-<key> (CMake, incremental), and prints their paths.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # bump when the patch set changes in a way users should see in the version
-TRIATT_LEVEL = 8
+TRIATT_LEVEL = 11
 
 REPO = Path(__file__).resolve().parent.parent
 PATCH_DIRS = {
@@ -52,6 +56,14 @@ PATCH_DIRS = {
 # CMake options we add to whatever the user passes in CMAKE_ARGS: no multimodal library (unused,
 # and it doubles the build time), and the TriAttention core compiled into libllama from cpp/
 DEFAULT_CMAKE_ARGS = ["-DLLAVA_BUILD=OFF", f"-DLLAMA_TRIATT_DIR={REPO / 'cpp'}"]
+
+
+# llama.cpp's own programs built by --tools, and the CMake options of that build: no tests, examples, web
+# UI download or OpenSSL (the server only listens), the RPC backend on (ggml-rpc-server)
+TOOLS = ["llama-server", "llama-cli", "ggml-rpc-server"]
+TOOLS_CMAKE_ARGS = ["-DCMAKE_BUILD_TYPE=Release", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_SERVER=ON",
+                    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_APP=OFF",
+                    "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DGGML_RPC=ON"]
 
 
 class BuildError(RuntimeError):
@@ -257,12 +269,41 @@ def build(work: Path, build_dir: Path, cmake_args: list[str], python: str) -> No
                     "diskcache>=5.6.1", "jinja2>=2.11.3"], check=True)
 
 
+def tools_dir(cache: Path, key: str) -> Path:
+    """Where --tools puts llama.cpp's programs (bin/ of its CMake build directory)."""
+    return cache / "build" / f"tools-{key}" / "bin"
+
+
+def build_tools(work: Path, build_dir: Path, cmake_args: list[str]) -> list[Path]:
+    """Configure and build llama.cpp's own programs from the patched tree; return their paths."""
+    if shutil.which("cmake") is None:
+        raise BuildError("--tools needs cmake on PATH (https://cmake.org, or: pip install cmake)")
+    src = work / "vendor" / "llama.cpp"
+    jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 2)
+    steps = [["cmake", "-S", str(src), "-B", str(build_dir), *TOOLS_CMAKE_ARGS,
+              *[a for a in cmake_args if not a.startswith("-DLLAVA_BUILD")]],
+             ["cmake", "--build", str(build_dir), "--target", *TOOLS, "-j", jobs]]
+    log(f"building {', '.join(TOOLS)} in {build_dir} ({jobs} jobs); a first build takes minutes")
+    for cmd in steps:
+        r = subprocess.run(cmd, stdout=sys.stderr)   # stdout: only the paths printed at the end
+        if r.returncode != 0:
+            raise BuildError(f"{' '.join(cmd[:2])} failed (exit {r.returncode}); see the output above")
+    paths = [build_dir / "bin" / name for name in TOOLS]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise BuildError(f"the build finished without {', '.join(missing)}")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sdist", type=Path, help="use this sdist file instead of downloading it (still verified)")
     ap.add_argument("--patches", type=Path, default=REPO / "patches", help="patch directory (default: patches/)")
     ap.add_argument("--prepare-only", action="store_true", help="verify, unpack and patch; do not build")
     ap.add_argument("--python", default=sys.executable, help="Python to install into (default: this one)")
+    ap.add_argument("--tools", action="store_true",
+                    help=f"build llama.cpp's own {', '.join(TOOLS)} from the patched tree instead of the Python "
+                         f"package (into <cache>/build/tools-<key>/bin; prints their paths)")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -287,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         user_args = cmake_args[len(DEFAULT_CMAKE_ARGS):]
         key = "cpu" if not user_args else "cfg-" + hashlib.sha256(" ".join(user_args).encode()).hexdigest()[:10]
+        if args.tools:
+            paths = build_tools(work, tools_dir(cache, key).parent, cmake_args)
+            log(f"built {version} tools in {time.time() - t0:.0f} s")
+            for p in paths:
+                print(p)
+            return 0
         build(work, cache / "build" / key, cmake_args, args.python)
     except BuildError as e:
         print(f"error: {e}", file=sys.stderr)
