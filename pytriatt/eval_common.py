@@ -1,0 +1,279 @@
+"""Shared pieces of `pytriatt eval`: result rows, confidence intervals, policies run through
+llama.cpp's eviction, calibrated copies for tri, and the default evaluation text.
+
+Every task module (eval_tasks, eval_recall) builds on these; pytriatt/evaluate.py is the
+command line.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _llama
+
+# policies `pytriatt eval` knows; "full" keeps every token
+POLICIES = ("full", "tri", "streaming", "random", "snapkv")
+POSITION_MODES = ("gaps", "shift")
+ROW_KEYS = ("model", "policy", "position", "budget", "task", "n", "metric", "value", "ci_low", "ci_high")
+
+# evaluation text: Python's documentation topics from this character on. Calibration
+# (pytriatt calibrate's default) reads the same corpus from its start: 32768 tokens are
+# about 140 000 characters of it, so the two never overlap.
+EVAL_TEXT_OFFSET = 300_000
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class EvalError(ValueError):
+    """A configuration `pytriatt eval` cannot run; the message says what to do."""
+
+
+# -- result rows ------------------------------------------------------------------------
+
+def row(model: str, policy: str, position: Optional[str], budget: Optional[int], task: str, n: int,
+        metric: str, value: float, ci: Optional[Sequence[float]] = None) -> dict:
+    """One result: what was run (model, policy, position mode, budget, task), over how many
+    samples (n), which metric and its value, and a 95% confidence interval where sampling
+    is involved (None otherwise)."""
+    lo, hi = (None, None) if ci is None else (float(ci[0]), float(ci[1]))
+    return {"model": model, "policy": policy, "position": position if policy != "full" else None,
+            "budget": None if policy == "full" else budget, "task": task, "n": int(n), "metric": metric,
+            "value": float(value), "ci_low": lo, "ci_high": hi}
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple:
+    """Wilson score interval of a proportion k/n (95% by default); (0, 1) when n == 0."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def mean_ci(values: Iterable[float], z: float = 1.96) -> tuple:
+    """Mean and its normal-approximation 95% interval (mean +- z * sd / sqrt(n)).
+
+    With fewer than two values the interval is (mean, mean)."""
+    v = np.asarray(list(values), dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), (float("nan"), float("nan"))
+    m = float(v.mean())
+    if v.size < 2:
+        return m, (m, m)
+    h = z * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return m, (m - h, m + h)
+
+
+# -- text -------------------------------------------------------------------------------
+
+def default_text() -> str:
+    """Python's documentation topics from EVAL_TEXT_OFFSET on (no overlap with calibration)."""
+    from .calibrate import default_text as corpus
+    text = corpus()
+    start = text.find("\n\n", EVAL_TEXT_OFFSET)
+    return text[start + 2 if start >= 0 else EVAL_TEXT_OFFSET:]
+
+
+def read_text(path: Optional[PathLike]) -> str:
+    if path is None:
+        return default_text()
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise EvalError(f"--text {p} is a directory; give a text file")
+    if not p.is_file():
+        raise EvalError(f"--text {p}: no such file")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise EvalError(f"--text {p} is empty")
+    return text
+
+
+def text_tokens(model, text: str, n_tokens: int, *, what: str = "the text") -> List[int]:
+    """The first n_tokens tokens of text (with BOS where the model uses one); refuses too short a text."""
+    # tokenize a prefix only (some tokenizers are slow on a megabyte), growing it while too short
+    chars = 8 * n_tokens + 64
+    while True:
+        toks = model.tokenize(text[:chars], add_bos=True)
+        if len(toks) > n_tokens or chars >= len(text):
+            break
+        chars *= 2
+    if len(toks) < n_tokens:
+        raise EvalError(f"{what} has only {len(toks)} tokens, {n_tokens} needed: give a longer --text "
+                        f"or fewer --tokens")
+    return toks[:n_tokens]
+
+
+# -- models -----------------------------------------------------------------------------
+
+_models: Dict[str, object] = {}
+
+
+def load_model(model_or_path):
+    """A pytriatt.context.Model (loaded once per path and process)."""
+    from .context import Model
+    if isinstance(model_or_path, Model):
+        return model_or_path
+    key = os.fspath(Path(model_or_path).resolve())
+    m = _models.get(key)
+    if m is None or getattr(m, "ptr", None) is None:
+        m = Model(key)
+        _models[key] = m
+    return m
+
+
+def model_name(path: PathLike) -> str:
+    """The short name of a model for result rows: its pytriatt model name, else the file stem."""
+    from . import models
+    p = Path(path)
+    for name in models.MODELS:
+        try:
+            if models.model_path(name).resolve() == p.resolve():
+                return name
+        except (OSError, ValueError):
+            pass
+    return p.name[:-5] if p.name.endswith(".gguf") else p.name
+
+
+# -- policies ---------------------------------------------------------------------------
+
+def support() -> dict:
+    """What the installed llama-cpp-python offers beyond full/tri/streaming/random."""
+    lc = _llama.require_patched("kv policy")
+    fields = {name for name, _ in lc.llama_kv_policy_params._fields_}
+    return {"snapkv": hasattr(lc, "LLAMA_KV_POLICY_SNAPKV"),
+            "shift": "shift" in fields,
+            "snap_window": "snap_window" in fields}
+
+
+def check_supported(policies: Sequence[str], shift: bool) -> None:
+    """Refuse, in one line, policies or position modes the installed build lacks."""
+    for p in policies:
+        if p not in POLICIES:
+            raise EvalError(f"unknown policy {p!r} (known: {', '.join(POLICIES)})")
+    have = support()
+    if "snapkv" in policies and not have["snapkv"]:
+        raise EvalError("policy snapkv needs a llama-cpp-python built with the SnapKV policy "
+                        "(llama_cpp.LLAMA_KV_POLICY_SNAPKV), which the installed one lacks; rebuild it: "
+                        f"{_llama.FIX_COMMAND}, or leave snapkv out of --policies")
+    if shift and not have["shift"]:
+        raise EvalError("--shift needs a llama-cpp-python built with position compaction "
+                        "(llama_kv_policy_params.shift), which the installed one lacks; rebuild it: "
+                        f"{_llama.FIX_COMMAND}, or leave --shift out")
+
+
+def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: int = 4, window: int = 1,
+                  seed: int = 0, calib: Optional[PathLike] = None, shift: bool = False,
+                  snap_window: int = 32, kv_agg: str = "max") -> None:
+    """Attach an eviction policy to a pytriatt Context; it runs inside llama_decode.
+
+    Like Context.set_kv_policy, plus the snapkv policy and the shift position mode of
+    newer builds (refused with a clear message where the build lacks them)."""
+    if policy == "full":
+        return
+    lc = _llama.require_patched("kv policy")
+    check_supported([policy], shift)
+    types = {"tri": lc.LLAMA_KV_POLICY_TRI, "streaming": lc.LLAMA_KV_POLICY_STREAMING,
+             "random": lc.LLAMA_KV_POLICY_RANDOM}
+    if policy == "snapkv":
+        types["snapkv"] = lc.LLAMA_KV_POLICY_SNAPKV
+    p = lc.llama_kv_policy_default_params()
+    p.type, p.budget, p.interval = types[policy], int(budget), int(interval)
+    p.n_sink, p.n_window, p.protect_prompt = int(sink), int(window), False
+    p.kv_agg_mean = kv_agg == "mean"
+    p.seed = seed & 0xFFFFFFFF
+    fields = {name for name, _ in p._fields_}
+    if shift:
+        p.shift = True
+    if policy == "snapkv" and "snap_window" in fields:
+        p.snap_window = int(snap_window)
+    ctx._eval_calib = os.fsencode(os.fspath(calib if calib is not None else ctx.model.path))
+    p.calib_path = ctx._eval_calib
+    if lc.llama_set_kv_policy(ctx.ctx_ptr, ctypes.byref(p)) != 0:
+        raise EvalError(f"policy {policy}: " + lc.llama_kv_policy_last_error().decode("utf-8", "replace"))
+
+
+def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, interval: int = 128,
+                 n_batch: Optional[int] = None, **policy_kw):
+    """A Context for one sequence of up to n_tokens tokens with `policy` attached.
+
+    With a policy the context holds only budget + max(interval, n_batch) cells (what
+    Llama(kv_policy=...) allocates), so an eviction that failed would show as a full
+    cache, not pass unnoticed."""
+    from .context import Context
+    n_batch = n_batch or interval
+    if policy == "full" or budget is None:
+        n_cells = n_tokens + 1
+    else:
+        if budget < 1:
+            raise EvalError("budgets must be positive")
+        n_cells = min(n_tokens + 1, budget + max(interval, n_batch))
+    ctx = Context(model, n_ctx=max(n_cells, 16), n_batch=n_batch)
+    try:
+        attach_policy(ctx, policy, budget or 0, interval=interval, **policy_kw)
+    except Exception:
+        ctx.close()
+        raise
+    return ctx
+
+
+# -- calibrated models for tri ---------------------------------------------------------
+
+def cache_root() -> Path:
+    from .models import cache_dir
+    return cache_dir() / "eval"
+
+
+def file_sha256(path: PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def calibrated(model_path: PathLike, *, tokens: int = 8192, n_ctx: int = 4096, progress: bool = True) -> Path:
+    """A GGUF carrying the model's TriAttention statistics: the model itself if it carries them,
+    else a calibrated copy in the eval cache ($PYTRIATT_CACHE/eval), made once per model
+    (keyed by the file's sha256 and the calibration size)."""
+    from . import gguf_io
+    from .calibrate import calibrate
+
+    model_path = Path(model_path)
+    if gguf_io.has_prefix(model_path, "triattention."):
+        return model_path
+    sha = file_sha256(model_path)
+    out = cache_root() / f"{model_path.stem}.{sha[:16]}.cal{tokens}.tri.gguf"
+    if out.is_file():
+        return out
+    if progress:
+        print(f"eval: tri needs calibration statistics; calibrating {model_path.name} on {tokens} tokens of "
+              f"Python's docs (once; cached as {out})", file=sys.stderr)
+    cal, _ = calibrate(model_path, max_tokens=tokens, n_ctx=n_ctx, progress=progress)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    gguf_io.write_with_metadata(model_path, out, cal.gguf_fields(), force=True)
+    return out
+
+
+# -- numerics ---------------------------------------------------------------------------
+
+def log_softmax_at(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """-log p(target) for each row of logits [n, n_vocab] (float64 accumulation)."""
+    lg = np.asarray(logits, dtype=np.float32)
+    mx = lg.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(lg - mx).sum(axis=1, dtype=np.float64)) + mx[:, 0]
+    return lse - lg[np.arange(len(targets)), np.asarray(targets)]
+
+
+def say(progress: bool, msg: str) -> None:
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
