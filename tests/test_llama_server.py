@@ -1,0 +1,254 @@
+"""Specification of llama.cpp's own server built from the patched tree (tools/build_llama.py --tools)
+with the KV-policy arguments of patch llama.cpp/0005: `llama-server -np 2 --kv-policy ...` serves two
+slots whose sequences evict independently, and a slot reused by a new request starts clean.
+
+The tools build is made (or brought up to date, incrementally) once per session by the fixture;
+PYTRIATT_TOOLS_BUILD=0 skips these tests, PYTRIATT_LLAMA_TOOLS=DIR takes the programs from DIR. Requests go to 127.0.0.1 only, each with a timeout, and
+the server process is always killed."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BUDGET, INTERVAL = 32, 16
+TIMEOUT = 300  # seconds per request: two slots decode at once on a 2-core machine shared with other jobs
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """{name: path} of llama-server, llama-cli, ggml-rpc-server, built by tools/build_llama.py --tools (cached);
+    PYTRIATT_LLAMA_TOOLS=DIR uses the programs in DIR instead."""
+    given = os.environ.get("PYTRIATT_LLAMA_TOOLS")
+    if given:
+        paths = {name: Path(given) / name for name in ("llama-server", "llama-cli", "ggml-rpc-server")}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            pytest.skip(f"PYTRIATT_LLAMA_TOOLS={given} lacks {', '.join(missing)}")
+        return paths
+    if os.environ.get("PYTRIATT_TOOLS_BUILD") == "0":
+        pytest.skip("llama.cpp's tools are not built: PYTRIATT_TOOLS_BUILD=0")
+    if shutil.which("cmake") is None:
+        pytest.skip("llama.cpp's tools cannot be built here: cmake is not on PATH")
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "build_llama.py"), "--tools"],
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        pytest.fail("tools/build_llama.py --tools failed:\n" + "\n".join((r.stdout + r.stderr).splitlines()[-40:]))
+    paths = [Path(line) for line in r.stdout.split()]
+    return {p.name: p for p in paths}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+def _post(url: str, body: dict, timeout: float = TIMEOUT):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+class LlamaServer:
+    def __init__(self, binary: Path, args: list[str], start_timeout: float = 120):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([str(binary), *args, "--host", "127.0.0.1", "--port", str(self.port)],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                time.sleep(0.2)
+                self.stop()
+                pytest.fail(f"llama-server exited ({self.proc.returncode}):\n{self.log[-4000:]}")
+            try:
+                if _get(self.url + "/health", timeout=2).get("status") == "ok":
+                    return
+            except (urllib.error.URLError, OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        self.stop()
+        pytest.fail("llama-server did not become ready:\n" + self.log[-4000:])
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def log(self) -> str:
+        return "".join(self.lines)
+
+    def slots(self) -> dict:
+        return {s["id"]: s for s in _get(self.url + "/slots")}
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=15)
+
+
+def _complete(url: str, prompt: str, n_predict: int) -> dict:
+    return _post(url + "/completion", {"prompt": prompt, "n_predict": n_predict, "ignore_eos": True,
+                                       "temperature": 0, "cache_prompt": True})
+
+
+def test_two_slots_evict_independently_and_a_reused_slot_starts_clean(llama_tools, smollm2_path):
+    srv = LlamaServer(llama_tools["llama-server"],
+                      ["-m", str(smollm2_path), "-np", "2", "-c", "4096", "-b", "64", "-t", "2",
+                       "--kv-policy", "streaming", "--kv-budget", str(BUDGET), "--kv-interval", str(INTERVAL)])
+    try:
+        prompts = ["Write a long story about a lighthouse keeper.", "Explain how a steam engine works, in detail."]
+        n_gen = 4 * BUDGET
+        with ThreadPoolExecutor(2) as pool:
+            results = list(pool.map(lambda p: _complete(srv.url, p, n_gen), prompts))
+        # both long requests ran to their limit, each on its own slot
+        assert [r["tokens_predicted"] for r in results] == [n_gen, n_gen]
+        assert sorted(r["id_slot"] for r in results) == [0, 1]
+        slots = srv.slots()
+        for r in results:
+            kv = slots[r["id_slot"]]["kv_policy"]
+            # each sequence was pruned and stays within budget + interval, although it grew past n_gen tokens
+            assert kv["n_evicted"] > 0 and kv["n_rounds"] > 0
+            assert 0 < kv["n_cells_used"] <= BUDGET + INTERVAL
+            # a slot's length is -c, not the number of KV cells
+            assert slots[r["id_slot"]]["n_ctx"] == 4096 and kv["n_cells"] < 4096
+
+        # the first prompt again: the server picks the slot that holds it, whose cache lost evicted tokens;
+        # it starts from an empty sequence, so greedy decoding repeats the first completion exactly
+        again = _complete(srv.url, prompts[0], 16)
+        assert again["id_slot"] == results[0]["id_slot"]
+        assert results[0]["content"].startswith(again["content"])
+        assert "evicted tokens, processing the prompt from scratch" in srv.log
+        kv = srv.slots()[again["id_slot"]]["kv_policy"]
+        # fresh counters: 16 tokens after a short prompt never reach the budget; the newest token is not decoded yet
+        assert (kv["n_rounds"], kv["n_evicted"]) == (0, 0)
+        assert kv["n_cells_used"] == again["tokens_evaluated"] + 16 - 1
+
+        # a client that goes away mid-stream: the server stops that generation and goes on serving
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=TIMEOUT)
+        conn.request("POST", "/completion", json.dumps({"prompt": prompts[1], "n_predict": 2000, "ignore_eos": True,
+                                                        "stream": True}), {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        events = 0
+        while events < 5:
+            events += resp.readline().startswith(b"data: ")
+        conn.close()
+        t0 = time.monotonic()
+        assert _complete(srv.url, "The capital of France is", 8)["tokens_predicted"] == 8
+        assert time.monotonic() - t0 < 60 and srv.proc.poll() is None
+        # the abandoned generation (2000 tokens, minutes here) stopped: soon no slot is busy
+        deadline = time.monotonic() + 20
+        while any(s["is_processing"] for s in srv.slots().values()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(s["is_processing"] for s in srv.slots().values())
+    finally:
+        srv.stop()
+
+
+def _llama_server_error(llama_tools, args: list[str]) -> str:
+    r = subprocess.run([str(llama_tools["llama-server"]), *args, "--host", "127.0.0.1", "--port", str(_free_port())],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    return r.stdout + r.stderr
+
+
+def test_context_shift_and_eviction_are_mutually_exclusive(llama_tools, smollm2_path):
+    out = _llama_server_error(llama_tools, ["-m", str(smollm2_path), "--kv-policy", "streaming", "--context-shift"])
+    assert "--context-shift and --kv-policy are mutually exclusive" in out
+
+
+def test_bad_kv_flags_are_refused_at_start_up(llama_tools, smollm2_path):
+    m = str(smollm2_path)
+    assert "--kv-budget and --kv-interval must be >= 1" in _llama_server_error(
+        llama_tools, ["-m", m, "--kv-policy", "streaming", "--kv-budget", "0"])
+    assert "must be smaller than -c" in _llama_server_error(
+        llama_tools, ["-m", m, "--kv-policy", "streaming", "--kv-budget", "512", "-c", "256"])
+    assert "unknown KV policy: sometimes" in _llama_server_error(llama_tools, ["-m", m, "--kv-policy", "sometimes"])
+
+
+def test_tri_on_an_uncalibrated_model_names_pytriatt_calibrate(llama_tools, smollm2_path):
+    out = _llama_server_error(llama_tools, ["-m", str(smollm2_path), "--kv-policy", "tri", "--kv-budget", "64"])
+    assert "failed to set the KV policy" in out and "pytriatt calibrate" in out
+
+
+def test_the_help_lists_the_kv_arguments(llama_tools):
+    r = subprocess.run([str(llama_tools["llama-server"]), "--help"], capture_output=True, text=True, timeout=60)
+    for arg in ("--kv-policy", "--kv-budget", "--kv-interval", "--kv-sink", "--kv-window", "--kv-calib"):
+        assert arg in r.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_cal(tiny_gguf, tmp_path_factory):
+    """A tiny random-weight llama with its TriAttention statistics (a `pytriatt calibrate` result)."""
+    from pytriatt import gguf_io
+    from pytriatt.calibrate import calibrate
+    tiny = tiny_gguf("llama")
+    cal, _ = calibrate(tiny, max_tokens=512, n_ctx=256, progress=False)
+    dst = tmp_path_factory.mktemp("cal") / "tiny-llama.tri.gguf"
+    gguf_io.write_with_metadata(tiny, dst, cal.gguf_fields())
+    return dst
+
+
+def test_tri_scores_a_k_cache_that_lives_on_an_rpc_server(llama_tools, tiny_cal):
+    port = _free_port()
+    rpc = subprocess.Popen([str(llama_tools["ggml-rpc-server"]), "--host", "127.0.0.1", "--port", str(port)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert rpc.poll() is None and time.monotonic() < deadline, "ggml-rpc-server did not start"
+                time.sleep(0.2)
+        # every layer, and so the KV cache, on the RPC device: the policy reads K back over the network
+        srv = LlamaServer(llama_tools["llama-server"],
+                          ["-m", str(tiny_cal), "--rpc", f"127.0.0.1:{port}", "-ngl", "99", "-np", "1", "-c", "2048",
+                           "-b", "32", "--kv-policy", "tri", "--kv-budget", "32", "--kv-interval", "16", "-lv", "4"])
+        try:
+            assert re.search(r"llama_kv_cache: RPC\d+\[127\.0\.0\.1:\d+\] KV buffer size", srv.log), srv.log[-3000:]
+            r = _complete(srv.url, "one two three four", 4 * 32)
+            assert r["tokens_predicted"] == 4 * 32
+            kv = srv.slots()[r["id_slot"]]["kv_policy"]
+            assert kv["n_rounds"] > 0 and kv["n_evicted"] > 0 and kv["t_score_ms"] > 0
+            assert kv["n_cells_used"] <= 32 + 16
+        finally:
+            srv.stop()
+    finally:
+        rpc.terminate()
+        try:
+            rpc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            rpc.kill()
+            rpc.wait(timeout=10)
