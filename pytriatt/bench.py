@@ -1,0 +1,849 @@
+"""`pytriatt bench`: decode speed, scoring cost and KV memory of eviction policies against full attention.
+
+For each policy the benchmark brings one sequence to each requested position (prefill with the
+policy attached, so the policy evicts during the prefill as it would in use), then times a window
+of single-token decode steps there. It reports per policy and position:
+
+  decode tok/s            over the window (median over --repeat windows)
+  scoring share           (t_score_ms + t_evict_ms of the policy counters during the window) / window time
+  KV bytes                what llama.cpp allocated: cells x layers x (K row + V row bytes of the cache types),
+                          cross-checked against llama.cpp's own "llama_kv_cache: size = ..." log line
+  prefill tok/s, peak host RSS
+
+and the ratios policy / full from the same run, in particular the target metric: decode tok/s of the
+policy at position P against full attention's at position = budget (a fixed budget should make every
+step cost what a step at a short context costs, whatever the position).
+
+Full attention runs in one context sized for its largest position; its decode speed depends on the
+cells in use, not on the cells allocated (llama.cpp attends over the used cells, padded to 256). Its
+"kv_bytes" at position P is what a context just large enough for P + window tokens allocates
+(pad256(P + window) cells), the same formula the allocated context is checked against.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+# bytes per element of the K/V cache types (ggml_type_size / ggml_blck_size)
+TYPE_BYTES = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
+EVICTING = ("tri", "streaming", "random", "snapkv")
+
+HELP = """\
+Measure decode speed, scoring cost and KV memory of KV eviction policies against full attention,
+in one run, on one model.
+
+For each policy and position P: prefill to P with the policy attached (it evicts during the
+prefill), then time --window single-token decode steps at P. Reported: decode tok/s, prefill tok/s,
+the policy's scoring + eviction time as a share of decode time, the KV bytes llama.cpp allocated,
+peak host RSS, and policy/full ratios -- among them the target metric "tok/s at P vs full at
+position = budget" (full is also measured at the budget position for that).
+
+POLICY specs: full, tri, streaming, random (snapkv where the build has it); "+shift" compacts
+positions after each round (builds with the shift mode); ":TYPE" sets that policy's K/V cache type,
+e.g. tri:q8_0 (default: -ctk/-ctv).
+
+examples:
+  pytriatt bench qwen2.5-0.5b --budget 512 --positions 512,8192
+  pytriatt bench qwen2.5-0.5b --budget 512 --positions 512,8192 --policies full,tri,tri:q8_0 --json
+  pytriatt bench model.gguf --budget 2048 --positions 2048,32768 -ngl 99 --parallel auto --plot tps.png
+  pytriatt bench smollm2-135m --budget 256 --positions 256,2048 --policies full,streaming
+
+tri needs a calibrated model: without triattention.* metadata (and without --calib) a small
+calibration (--calib-tokens) is run once and cached under $PYTRIATT_CACHE/bench, keyed by the
+model's sha256 -- enough to measure speed, not quality.
+"""
+
+
+class _Log:
+    """Captures llama.cpp's log (the KV cache allocation lines) while forwarding errors to stderr."""
+
+    def __init__(self, lc):
+        self.lc, self.text, self.last = lc, [], 0
+        verbose = bool(os.environ.get("PYTRIATT_VERBOSE"))
+
+        @lc.llama_log_callback
+        def _cb(level, text, user_data):
+            s = text.decode("utf-8", "replace")
+            self.text.append(s)
+            if level != 5:                  # 5 = CONT: continues the previous message
+                self.last = level
+            if verbose or self.last == 4:   # 4 = ERROR
+                sys.stderr.write(s)
+
+        self._cb = _cb
+        lc.llama_log_set(_cb, ctypes.c_void_p(0))
+
+    def take(self) -> str:
+        s, self.text = "".join(self.text), []
+        return s
+
+    def close(self) -> None:
+        from . import context
+        prev = getattr(context._quiet_logs, "cb", None)
+        if prev is not None:
+            self.lc.llama_log_set(prev, ctypes.c_void_p(0))
+
+
+def parse_kv_log(text: str) -> dict:
+    """KV allocation from llama.cpp's log: total bytes (the "size = X MiB" lines, 0.01 MiB resolution),
+    cells per cache, and bytes per buffer (CPU, CUDA0, ...)."""
+    caches = [dict(mib=float(m.group(1)), cells=int(m.group(2)), layers=int(m.group(3)))
+              for m in re.finditer(r"llama_kv_cache: size =\s*([\d.]+) MiB \(\s*(\d+) cells,\s*(\d+) layers", text)]
+    bufs: dict = {}
+    for m in re.finditer(r"llama_kv_cache:\s*(\S+) KV buffer size =\s*([\d.]+) MiB", text):
+        bufs[m.group(1)] = bufs.get(m.group(1), 0) + round(float(m.group(2)) * 2**20)
+    return {"bytes": round(sum(c["mib"] for c in caches) * 2**20) if caches else None,
+            "resolution": 0.01 * 2**20 * max(1, len(caches)), "caches": caches, "buffers": bufs}
+
+
+def row_bytes(type_name: str, n: int) -> int:
+    size, block = TYPE_BYTES[type_name]
+    if n % block:
+        raise ValueError(f"a {type_name} cache row of {n} values is not a whole number of blocks of {block}")
+    return n // block * size
+
+
+def pad256(n: int) -> int:
+    return (n + 255) // 256 * 256
+
+
+@dataclass
+class ModelShape:
+    n_layer: int
+    n_embd_k_gqa: int
+    n_embd_v_gqa: int
+    swa: bool          # sliding-window layers: a second cache of its own size, the formula does not apply
+
+    def bytes_per_cell(self, type_k: str, type_v: str) -> int:
+        return self.n_layer * (row_bytes(type_k, self.n_embd_k_gqa) + row_bytes(type_v, self.n_embd_v_gqa))
+
+
+def model_shape(model) -> ModelShape:
+    lc = model._lc
+    arch = model.meta("general.architecture") or ""
+    n_head = lc.llama_model_n_head(model.ptr)
+    n_head_kv = lc.llama_model_n_head_kv(model.ptr)
+    n_embd = lc.llama_model_n_embd(model.ptr)
+    head_k = int(model.meta(f"{arch}.attention.key_length") or n_embd // n_head)
+    head_v = int(model.meta(f"{arch}.attention.value_length") or head_k)
+    swa = model.meta(f"{arch}.attention.sliding_window") is not None
+    return ModelShape(lc.llama_model_n_layer(model.ptr), n_head_kv * head_k, n_head_kv * head_v, swa)
+
+
+def _rss_reset() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:   # "5": reset the peak RSS (VmHWM) to the current RSS
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_peak() -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# -- policies and calibration ---------------------------------------------------
+
+@dataclass
+class PolicySpec:
+    name: str            # as given, e.g. "tri:q8_0"
+    policy: str          # full, tri, ...
+    shift: bool
+    type_k: str
+    type_v: str
+
+
+def parse_policies(text: str, type_k: str, type_v: str) -> list:
+    from .cli import CliError
+    out, seen = [], set()
+    for item in [s.strip() for s in text.split(",") if s.strip()]:
+        base, _, ctype = item.partition(":")
+        policy, _, mod = base.partition("+")
+        if policy not in ("full",) + EVICTING:
+            raise CliError(f"--policies: unknown policy {policy!r} (known: full, {', '.join(EVICTING)})")
+        if mod not in ("", "shift"):
+            raise CliError(f"--policies: unknown modifier +{mod} in {item!r} (known: +shift)")
+        if mod and policy == "full":
+            raise CliError("--policies: full attention evicts nothing, so +shift does not apply to it")
+        if ctype and ctype not in TYPE_BYTES:
+            raise CliError(f"--policies: unknown cache type {ctype!r} in {item!r} (known: {', '.join(TYPE_BYTES)})")
+        if item in seen:
+            raise CliError(f"--policies: {item} is listed twice")
+        seen.add(item)
+        out.append(PolicySpec(item, policy, mod == "shift", ctype or type_k, ctype or type_v))
+    if not out:
+        raise CliError("--policies is empty; e.g. --policies full,tri")
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_calibration_sidecar(model_path: Path, cal, dst: Path) -> Path:
+    """A GGUF that holds only metadata: the model's architecture and name and the triattention.* statistics.
+
+    The policy reads its statistics from any GGUF whose architecture and name match the model's
+    (calib_path), so a speed calibration need not copy the model (8.7 GB for Qwen3-8B Q8_0)."""
+    import struct
+
+    from . import gguf_io
+    hdr = gguf_io.read_header(model_path)
+    fields = {k: hdr.get(k) for k in ("general.architecture", "general.name") if hdr.get(k) is not None}
+    fields.update(cal.gguf_fields())
+    kvs = [gguf_io.encode_value(k, v) for k, v in fields.items()]
+    data = gguf_io.MAGIC + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, dst)
+    return dst
+
+
+def calibrated_copy(path: Path, *, tokens: int, n_gpu_layers: int = 0, progress: bool = True) -> Path:
+    """The model itself if it carries triattention.* statistics; else a statistics-only GGUF from a small
+    calibration (write_calibration_sidecar), cached under $PYTRIATT_CACHE/bench by the model's sha256."""
+    from . import gguf_io, models
+    from .calibrate import calibrate
+    path = Path(path)
+    if gguf_io.has_prefix(path, "triattention."):
+        return path
+    if progress:
+        print(f"bench: {path.name} carries no TriAttention calibration; hashing it to look for a cached one",
+              file=sys.stderr)
+    dst = models.cache_dir() / "bench" / f"{path.stem}-{_sha256(path)[:16]}-{tokens}.calib.gguf"
+    if dst.is_file():
+        return dst
+    if progress:
+        print(f"bench: calibrating {path.name} on {tokens} tokens (once; cached as {dst})", file=sys.stderr)
+    cal, _ = calibrate(path, max_tokens=tokens, n_ctx=min(tokens, 2048), n_gpu_layers=n_gpu_layers,
+                       progress=progress)
+    return write_calibration_sidecar(path, cal, dst)
+
+
+def text_tokens(model, n: int) -> list:
+    """n tokens of English prose (Python's documentation), repeated if needed."""
+    from .calibrate import default_text
+    text = default_text()
+    need = min(len(text), max(4096, n * 6))          # ~4 characters a token; tokenize no more than needed
+    toks = model.tokenize(text[:need], add_bos=True)
+    while len(toks) < n:
+        toks = toks + toks[1:]
+    return toks[:n]
+
+
+# -- one sequence under one policy ----------------------------------------------
+
+class _Run:
+    """One policy's context, advanced through the positions; collects the rows."""
+
+    def __init__(self, spec: PolicySpec, model, shape: ModelShape, log: _Log, cfg: dict, n_cells: int,
+                 calib: Optional[Path]):
+        from .context import Context
+        self.spec, self.cfg, self.model = spec, cfg, model
+        log.take()
+        kw = dict(n_ctx=n_cells, n_batch=cfg["n_batch"], n_threads=cfg["threads"],
+                  type_k=spec.type_k, type_v=spec.type_v)
+        try:
+            self.ctx = Context(model, **kw)
+        except ValueError as e:
+            hint = (" (a quantized V cache needs flash attention, which this backend may lack)"
+                    if spec.type_v not in ("f16", "f32", "bf16") else "")
+            raise ValueError(f"{spec.name}: {e}{hint}") from None
+        self.kv_log = parse_kv_log(log.take())
+        self.n_cells = self.ctx.n_ctx
+        self.kv_bytes = None if shape.swa else self.n_cells * shape.bytes_per_cell(spec.type_k, spec.type_v)
+        if spec.policy != "full":
+            kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=1,
+                      n_threads=cfg["score_threads"])
+            if spec.policy == "tri":
+                kw["calib"] = calib
+            if spec.shift:
+                import inspect
+                if "shift" not in inspect.signature(self.ctx.set_kv_policy).parameters:
+                    raise ValueError(f"{spec.name}: this build has no shift position mode yet")
+                kw["shift"] = True
+            self.ctx.set_kv_policy(spec.policy, **kw)
+        self.n_past = 0              # tokens decoded (the logical position; with +shift positions compact)
+        self.next_tok = None
+        self.prefill_tokens, self.prefill_s = 0, 0.0
+        self.rows = []
+
+    def stats(self) -> dict:
+        if self.spec.policy == "full":
+            return {"n_rounds": 0, "n_evicted": 0, "t_score_ms": 0.0, "t_evict_ms": 0.0,
+                    "n_cells_used": int(self.ctx.positions(0).size)}
+        return self.ctx.kv_policy_stats(0)
+
+    def advance(self, target: int, tokens: list) -> None:
+        """Prefill with the policy attached until target tokens have been decoded."""
+        if target <= self.n_past:
+            return
+        chunk = tokens[self.n_past:target]
+        t0 = time.perf_counter()
+        logits = self.ctx.decode(chunk, logits="last")
+        self.prefill_s += time.perf_counter() - t0
+        self.prefill_tokens += len(chunk)
+        self.n_past = target
+        self.next_tok = int(np.argmax(logits))
+
+    def step(self) -> None:
+        logits = self.ctx.decode([self.next_tok], logits="last")
+        self.next_tok = int(np.argmax(logits))
+        self.n_past += 1
+
+    def prepare(self, pos: int, tokens: list) -> None:
+        """Bring the sequence to position pos: prefill pos - 1 tokens, then one untimed decode step."""
+        self.advance(pos - 1, tokens)
+        self.step()                  # position pos - 1, untimed: the round a prefill leaves pending runs here
+        self.pos, self.windows = pos, []
+        self.start = (self.n_past, self.next_tok)
+        self.s0 = self.stats()
+
+    def window(self) -> float:
+        """Time --window decode steps; full attention then rewinds, so every window runs at the same position
+        (an evicting policy cannot take back its evictions: its windows follow each other, at the same cost)."""
+        a = self.stats()
+        t0 = time.perf_counter()
+        for _ in range(self.cfg["window"]):
+            self.step()
+        dt = time.perf_counter() - t0
+        b = self.stats()
+        self.windows.append((dt, b["t_score_ms"] - a["t_score_ms"] + b["t_evict_ms"] - a["t_evict_ms"],
+                             b["n_rounds"] - a["n_rounds"]))
+        if self.spec.policy == "full":
+            self.ctx._lc.llama_memory_seq_rm(self.ctx.memory, 0, self.start[0], -1)
+            self.n_past, self.next_tok = self.start
+        return dt
+
+    def finish(self, shape: ModelShape, ref: Optional[list] = None) -> dict:
+        """The row of the position prepared last; ref: the reference windows timed alongside (full at the budget)."""
+        cfg, pos = self.cfg, self.pos
+        s1 = self.stats()
+        times = [w[0] for w in self.windows]
+        total = sum(times)
+        # rates over the total time of the windows: a round costs what it costs, amortized over the steps
+        row = {
+            "policy": self.spec.name, "position": pos, "window": cfg["window"], "repeat": len(times),
+            "decode_tok_s": round(cfg["window"] * len(times) / total, 3),
+            "decode_ms_per_tok": round(total * 1e3 / (cfg["window"] * len(times)), 4),
+            "score_share": round(sum(w[1] for w in self.windows) / (total * 1e3), 5),
+            "n_rounds": sum(w[2] for w in self.windows),
+            "score_ms": round(s1["t_score_ms"] - self.s0["t_score_ms"], 4),
+            "evict_ms": round(s1["t_evict_ms"] - self.s0["t_evict_ms"], 4),
+            "decode_ms": round(total * 1e3, 4),
+            "cells_used": s1["n_cells_used"],
+            "kv_cells": self.n_cells,
+        }
+        if ref:
+            # against the reference windows timed next to these (robust to changing machine load)
+            row["vs_ref"] = round(sum(ref) / total, 4)
+        if self.spec.policy == "full":
+            # what a context just large enough for this position allocates (the formula the real one is checked by)
+            cells = pad256(pos + cfg["window"])
+            row["kv_cells"] = cells
+            row["kv_bytes"] = None if shape.swa else cells * shape.bytes_per_cell(self.spec.type_k, self.spec.type_v)
+        else:
+            row["kv_bytes"] = self.kv_bytes
+        self.rows.append(row)
+        return row
+
+    def summary(self) -> dict:
+        st = self.stats()
+        log_bytes = self.kv_log["bytes"]
+        check = None
+        if self.kv_bytes is not None and log_bytes is not None:
+            check = abs(self.kv_bytes - log_bytes) <= self.kv_log["resolution"]
+        return {
+            "policy": self.spec.name, "type_k": self.spec.type_k, "type_v": self.spec.type_v,
+            "shift": self.spec.shift,
+            "kv_cells_allocated": self.n_cells, "kv_bytes_allocated": self.kv_bytes,
+            "kv_bytes_log": log_bytes, "kv_bytes_check": check, "kv_buffers": self.kv_log["buffers"],
+            "prefill_tokens": self.prefill_tokens,
+            "prefill_tok_s": round(self.prefill_tokens / self.prefill_s, 2) if self.prefill_s > 0 else None,
+            "n_rounds_total": st["n_rounds"], "n_evicted_total": st["n_evicted"],
+            "score_ms_total": round(st["t_score_ms"], 3), "evict_ms_total": round(st["t_evict_ms"], 3),
+            "tokens_decoded": self.n_past, "cells_used_final": st["n_cells_used"],
+        }
+
+    def close(self) -> None:
+        self.ctx.close()
+
+
+# -- parallel sequences -----------------------------------------------------------
+
+def _decode_parallel(ctx, toks: list, pos: list) -> list:
+    """One batch: token toks[s] at position pos[s] of sequence s, logits for each; returns the argmax tokens."""
+    lc, b, n = ctx._lc, ctx._batch, len(toks)
+    for s in range(n):
+        b.token[s], b.pos[s], b.n_seq_id[s], b.logits[s] = int(toks[s]), int(pos[s]), 1, True
+        b.seq_id[s][0] = s
+    b.n_tokens = n
+    rc = lc.llama_decode(ctx.ctx_ptr, b)
+    if rc != 0:
+        raise RuntimeError(f"llama_decode failed with {rc} decoding {n} parallel sequences"
+                           + (" (no free KV cell)" if rc == 1 else ""))
+    out = []
+    for s in range(n):
+        p = lc.llama_get_logits_ith(ctx.ctx_ptr, s)
+        out.append(int(np.argmax(np.ctypeslib.as_array(p, shape=(ctx.model.n_vocab,)))))
+    return out
+
+
+def run_parallel(model, shape: ModelShape, log: _Log, spec: PolicySpec, cfg: dict, n_seq: int, position: int,
+                 tokens: list, calib: Optional[Path], progress) -> dict:
+    """n_seq sequences under one policy in one context, decoding together: aggregate tok/s."""
+    from .context import Context
+    per_seq = pad256(cfg["budget"] + max(cfg["interval"], cfg["n_batch"]))
+    log.take()
+    ctx = Context(model, n_ctx=n_seq * per_seq, n_batch=max(cfg["n_batch"], n_seq), n_seq_max=n_seq,
+                  n_threads=cfg["threads"], kv_unified=cfg["kv_unified"], type_k=spec.type_k, type_v=spec.type_v)
+    try:
+        kv_log = parse_kv_log(log.take())
+        kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=1,
+                  n_threads=cfg["score_threads"])
+        if spec.policy == "tri":
+            kw["calib"] = calib
+        ctx.set_kv_policy(spec.policy, **kw)
+        t0 = time.perf_counter()
+        nxt = []
+        for s in range(n_seq):
+            progress(f"parallel: prefilling sequence {s + 1}/{n_seq} to position {position - 1}")
+            logits = ctx.decode(tokens[:position - 1], seq_id=s, logits="last")
+            nxt.append(int(np.argmax(logits)))
+        prefill_s = time.perf_counter() - t0
+
+        def step(toks):
+            return _decode_parallel(ctx, toks, [ctx.pos_max(s) + 1 for s in range(n_seq)])
+
+        nxt = step(nxt)                       # untimed: the rounds the prefill left pending
+        stats = lambda: [ctx.kv_policy_stats(s) for s in range(n_seq)]   # noqa: E731
+
+        def policy_ms(sts):
+            # per-sequence counters (newer builds) add up; context-wide ones are the same for every sequence
+            same = all((x["n_rounds"], x["t_score_ms"]) == (sts[0]["n_rounds"], sts[0]["t_score_ms"]) for x in sts)
+            use = sts[:1] if same else sts
+            return sum(x["t_score_ms"] + x["t_evict_ms"] for x in use), sum(x["n_rounds"] for x in use)
+
+        progress(f"parallel: {n_seq} sequences x {cfg['window']} steps")
+        windows, shares, rounds = [], [], 0
+        for _ in range(cfg["repeat"]):
+            ms0, r0 = policy_ms(stats())
+            t0 = time.perf_counter()
+            for _ in range(cfg["window"]):
+                nxt = step(nxt)
+            dt = time.perf_counter() - t0
+            ms1, r1 = policy_ms(stats())
+            windows.append(dt)
+            shares.append(ms1 - ms0)
+            rounds += r1 - r0
+        total = sum(windows)
+        kv_bytes = None if shape.swa else ctx.n_ctx * shape.bytes_per_cell(spec.type_k, spec.type_v)
+        return {
+            "policy": spec.name, "n_seq": n_seq, "kv_unified": cfg["kv_unified"], "position": position,
+            "window": cfg["window"], "repeat": len(windows),
+            "aggregate_tok_s": round(n_seq * cfg["window"] * len(windows) / total, 3),
+            "per_seq_tok_s": round(cfg["window"] * len(windows) / total, 3),
+            "score_share": round(sum(shares) / (total * 1e3), 5),
+            "n_rounds": rounds, "kv_cells": ctx.n_ctx, "kv_bytes": kv_bytes, "kv_bytes_log": kv_log["bytes"],
+            "prefill_tok_s": round(n_seq * (position - 1) / prefill_s, 2),
+            "cells_used": [ctx.kv_policy_stats(s)["n_cells_used"] for s in range(n_seq)],
+        }
+    finally:
+        ctx.close()
+
+
+# -- the benchmark ---------------------------------------------------------------
+
+def run_bench(model_path, *, budget: int, positions: list, policies: list, window: int = 128, repeat: int = 1,
+              interval: int = 128, n_batch: int = 512, sink: int = 4, threads: Optional[int] = None,
+              score_threads: int = 0, n_gpu_layers: int = 0, calib: Optional[Path] = None,
+              calib_tokens: int = 2048, parallel=None, parallel_position: Optional[int] = None,
+              kv_unified: bool = False, interleave: bool = True, progress: bool = True) -> dict:
+    """Run the benchmark; returns the report (the --json output). See the module docstring."""
+    from . import _llama
+    from .context import Model
+
+    def say(msg):
+        if progress:
+            print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+    model_path = Path(model_path)
+    positions = sorted(set(int(p) for p in positions))
+    if budget < 1:
+        raise ValueError("--budget must be positive")
+    if window < 1 or repeat < 1:
+        raise ValueError("--window and --repeat must be positive")
+    if not positions or positions[0] < 2:
+        raise ValueError("--positions must be at least 2")
+    has_full = any(p.policy == "full" for p in policies)
+    full_positions = sorted(set(positions) | ({budget} if has_full else set()))
+    span = window * repeat + 1
+    for a, b in zip(full_positions, full_positions[1:]):
+        if b - a < span:
+            raise ValueError(f"positions {a} and {b} (the budget is measured too, for full attention) are closer "
+                             f"than window x repeat + 1 = {span} tokens; space them further or shorten --window")
+    lc = _llama.require_patched("kv policy")
+    if any(p.policy == "tri" for p in policies) and calib is None:
+        calib = calibrated_copy(model_path, tokens=calib_tokens, n_gpu_layers=n_gpu_layers, progress=progress)
+
+    model = Model(model_path, n_gpu_layers=n_gpu_layers)
+    log = _Log(lc)
+    try:
+        shape = model_shape(model)
+        nt = threads or _llama.default_threads()
+        cfg = dict(budget=budget, interval=interval, n_batch=n_batch, sink=sink, threads=nt,
+                   score_threads=score_threads, window=window, repeat=repeat, kv_unified=kv_unified)
+        max_pos = max(full_positions)
+        tokens = text_tokens(model, max_pos + 1)
+        rss_ok = _rss_reset()
+        runs = []
+
+        def open_run(spec):
+            cells = (max_pos + window) if spec.policy == "full" else budget + max(interval, n_batch)
+            r = _Run(spec, model, shape, log, cfg, cells, calib)
+            say(f"{spec.name}: {r.n_cells} KV cells ({r.kv_bytes / 2**20:.2f} MiB)" if r.kv_bytes is not None
+                else f"{spec.name}: {r.n_cells} KV cells")
+            return r
+
+        def positions_of(spec):
+            return full_positions if spec.policy == "full" else positions
+
+        def say_row(row):
+            say(f"{row['policy']} @ {row['position']}: {row['decode_tok_s']:.2f} tok/s, scoring "
+                f"{100 * row['score_share']:.2f}% ({row['n_rounds']} rounds)"
+                + (f", x{row['vs_ref']:.3f} of full at the budget" if "vs_ref" in row else ""))
+
+        summaries, ref = {}, None
+        if interleave:
+            # all contexts alive, positions in the outer loop, windows of the policies alternating; full attention
+            # at position = budget is timed again next to every window (a second small context that rewinds), so
+            # the target ratio compares windows a few seconds apart, whatever the machine's load does meanwhile
+            runs = [open_run(s) for s in policies]
+            full = next((s for s in policies if s.policy == "full"), None)
+            if full is not None:
+                ref = _Run(PolicySpec("full@budget", "full", False, full.type_k, full.type_v), model, shape, log,
+                           cfg, budget + window, None)
+                ref.prepare(budget, tokens)
+            for pos in full_positions:
+                active = [r for r in runs if pos in positions_of(r.spec)]
+                for r in active:
+                    n0, t0 = r.prefill_tokens, r.prefill_s
+                    say(f"{r.spec.name}: prefilling to position {pos}")
+                    r.prepare(pos, tokens)
+                    if r.prefill_s > t0:
+                        say(f"{r.spec.name}: {r.prefill_tokens - n0} tokens prefilled at "
+                            f"{(r.prefill_tokens - n0) / (r.prefill_s - t0):.1f} tok/s")
+                say(f"position {pos}: {repeat} x {window} decode steps per policy, alternating")
+                ref_times = {id(r): [] for r in active}
+                for k in range(repeat):
+                    order = active if k % 2 == 0 else active[::-1]
+                    for r in order:
+                        r.window()
+                        if ref is not None:
+                            ref_times[id(r)].append(ref.window())
+                for r in active:
+                    say_row(r.finish(shape, ref_times[id(r)] if ref is not None else None))
+            peak = _rss_peak()
+            for r in runs:
+                summaries[r.spec.name] = dict(r.summary(), peak_rss_bytes=None)
+            if ref is not None:
+                ref.close()
+        else:
+            peak = None
+            for s in policies:
+                _rss_reset()
+                r = open_run(s)
+                for pos in positions_of(s):
+                    say(f"{r.spec.name}: to position {pos}, then {repeat} x {window} decode steps")
+                    r.prepare(pos, tokens)
+                    for _ in range(repeat):
+                        r.window()
+                    say_row(r.finish(shape))
+                summaries[s.name] = dict(r.summary(), peak_rss_bytes=_rss_peak() if rss_ok else None)
+                runs.append(r)
+                r.close()
+        rows = [row for r in runs for row in r.rows]
+        for r in runs:
+            r.close()
+
+        report = {
+            "model": str(model_path), "calib": str(calib) if calib else None,
+            "budget": budget, "interval": interval, "n_batch": n_batch, "sink": sink, "threads": nt,
+            "score_threads": score_threads or nt, "n_gpu_layers": n_gpu_layers, "window": window, "repeat": repeat,
+            "positions": positions, "interleaved": interleave,
+            "backends": _llama.built_backends(),
+            "kv_bytes_per_cell": {s.name: (None if shape.swa else shape.bytes_per_cell(s.type_k, s.type_v))
+                                  for s in policies},
+            "peak_rss_bytes": peak,
+            "policies": summaries, "rows": rows,
+            "ratios": ratios(rows, policies, budget),
+        }
+        if parallel:
+            spec = next((p for p in policies if p.policy != "full"), None)
+            if spec is None:
+                raise ValueError("--parallel needs an evicting policy in --policies (e.g. tri)")
+            per_seq = pad256(budget + max(interval, n_batch)) * shape.bytes_per_cell(spec.type_k, spec.type_v)
+            full = next((p for p in policies if p.policy == "full"), None)
+            full_bytes = (pad256(max_pos + window) * shape.bytes_per_cell(full.type_k, full.type_v)
+                          if full else None)
+            if parallel == "auto":
+                if full_bytes is None:
+                    raise ValueError("--parallel auto sizes the sequences by full attention's KV memory at the "
+                                     "largest position: include full in --policies, or give N")
+                n_seq = max(1, full_bytes // per_seq)
+            else:
+                n_seq = int(parallel)
+            ppos = parallel_position or 4 * budget
+            par = run_parallel(model, shape, log, spec, cfg, n_seq, ppos, tokens if ppos <= len(tokens)
+                               else text_tokens(model, ppos), calib, say)
+            ref = next((r for r in rows if r["policy"] == (full.name if full else None) and r["position"] == max_pos),
+                       None)
+            if ref:
+                par["vs_full"] = {"full_position": max_pos, "full_tok_s": ref["decode_tok_s"],
+                                  "full_kv_bytes": ref["kv_bytes"],
+                                  "throughput_ratio": round(par["aggregate_tok_s"] / ref["decode_tok_s"], 3),
+                                  "kv_bytes_ratio": (round(par["kv_bytes"] / ref["kv_bytes"], 3)
+                                                     if par["kv_bytes"] and ref["kv_bytes"] else None)}
+            report["parallel"] = par
+        return report
+    finally:
+        log.close()
+        model.close()
+
+
+def ratios(rows: list, policies: list, budget: int) -> list:
+    """policy / full at the same position, and against full at position = budget (the target metric)."""
+    full = next((p for p in policies if p.policy == "full"), None)
+    if full is None:
+        return []
+    f = {r["position"]: r for r in rows if r["policy"] == full.name}
+    gaps = {(p.policy, p.type_k, p.type_v): p.name for p in policies if not p.shift}
+    out = []
+    for r in rows:
+        if r["policy"] == full.name:
+            continue
+        spec = next(p for p in policies if p.name == r["policy"])
+        same, at_budget = f.get(r["position"]), f.get(budget)
+        x = {"policy": r["policy"], "position": r["position"]}
+        if "vs_ref" in r:
+            x["tok_s_vs_full_at_budget"] = r["vs_ref"]          # paired windows (interleaved runs)
+        elif at_budget:
+            x["tok_s_vs_full_at_budget"] = round(r["decode_tok_s"] / at_budget["decode_tok_s"], 4)
+        if same:
+            x["tok_s_vs_full"] = round(r["decode_tok_s"] / same["decode_tok_s"], 4)
+            if r["kv_bytes"] and same["kv_bytes"]:
+                x["kv_bytes_full_over_policy"] = round(same["kv_bytes"] / r["kv_bytes"], 3)
+        x["score_share"] = r["score_share"]
+        if spec.shift:
+            base = gaps.get((spec.policy, spec.type_k, spec.type_v))
+            g = next((q for q in rows if q["policy"] == base and q["position"] == r["position"]), None)
+            if g:
+                # the extra time per step the shift mode costs, as a share of its decode time
+                x["shift_cost_share"] = round(1 - r["decode_tok_s"] / g["decode_tok_s"], 4)
+        out.append(x)
+    return out
+
+
+# -- output ------------------------------------------------------------------------
+
+def _mib(b) -> str:
+    return "-" if b is None else f"{b / 2**20:.1f}"
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"model {rep['model']}  budget {rep['budget']}  interval {rep['interval']}  n_batch {rep['n_batch']}  "
+             f"threads {rep['threads']}  window {rep['window']} x {rep['repeat']}  backends {','.join(rep['backends'])}"
+             f"  ngl {rep['n_gpu_layers']}"]
+    lines.append(f"{'policy':<14}{'position':>9}{'tok/s':>10}{'ms/tok':>9}{'score%':>8}{'rounds':>7}"
+                 f"{'KV cells':>9}{'KV MiB':>9}{'x full@B':>9}")
+    for r in rep["rows"]:
+        ref = f"{r['vs_ref']:.3f}" if "vs_ref" in r else "-"
+        lines.append(f"{r['policy']:<14}{r['position']:>9}{r['decode_tok_s']:>10.2f}{r['decode_ms_per_tok']:>9.2f}"
+                     f"{100 * r['score_share']:>8.2f}{r['n_rounds']:>7}{r['kv_cells']:>9}{_mib(r['kv_bytes']):>9}{ref:>9}")
+    if any("vs_ref" in r for r in rep["rows"]):
+        lines.append("  (x full@B: tok/s over full attention's at position = budget, timed in the adjacent window)")
+    lines.append("")
+    lines.append(f"{'policy':<14}{'prefill tok/s':>14}{'rounds':>8}{'score ms':>10}{'evict ms':>10}"
+                 f"{'KV MiB alloc':>13}{'log MiB':>9}{'peak RSS MiB':>13}")
+    for name, s in rep["policies"].items():
+        chk = "" if s["kv_bytes_check"] in (None, True) else " (!)"
+        lines.append(f"{name:<14}{s['prefill_tok_s'] or 0:>14.1f}{s['n_rounds_total']:>8}{s['score_ms_total']:>10.1f}"
+                     f"{s['evict_ms_total']:>10.1f}{_mib(s['kv_bytes_allocated']):>13}"
+                     f"{_mib(s['kv_bytes_log']) + chk:>9}{_mib(s['peak_rss_bytes']):>13}")
+    if rep["ratios"]:
+        lines.append("")
+        lines.append(f"{'policy':<14}{'position':>9}{'vs full@budget':>15}{'vs full@pos':>12}{'KV full/pol':>12}"
+                     f"{'score%':>8}{'shift cost':>11}")
+        for x in rep["ratios"]:
+            def f(k, pct=False):
+                v = x.get(k)
+                return "-" if v is None else (f"{100 * v:.1f}%" if pct else f"{v:.3f}")
+            lines.append(f"{x['policy']:<14}{x['position']:>9}{f('tok_s_vs_full_at_budget'):>15}"
+                         f"{f('tok_s_vs_full'):>12}{f('kv_bytes_full_over_policy'):>12}"
+                         f"{100 * x['score_share']:>8.2f}{f('shift_cost_share', True):>11}")
+    if rep.get("parallel"):
+        p = rep["parallel"]
+        lines.append("")
+        lines.append(f"parallel: {p['n_seq']} x {p['policy']} (budget {rep['budget']}, position {p['position']}, "
+                     f"{'unified' if p['kv_unified'] else 'one stream per sequence'}): "
+                     f"{p['aggregate_tok_s']:.2f} tok/s aggregate, {p['per_seq_tok_s']:.2f} per sequence, "
+                     f"scoring {100 * p['score_share']:.2f}%, KV {_mib(p['kv_bytes'])} MiB")
+        v = p.get("vs_full")
+        if v:
+            lines.append(f"  vs one full sequence at {v['full_position']}: {v['full_tok_s']:.2f} tok/s, KV "
+                         f"{_mib(v['full_kv_bytes'])} MiB -> throughput x{v['throughput_ratio']:.2f}, "
+                         f"KV memory x{v['kv_bytes_ratio']}")
+    return "\n".join(lines)
+
+
+def plot_report(rep: dict, out: Path) -> None:
+    from .inspect import _require_matplotlib
+    plt = _require_matplotlib()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in rep["policies"]:
+        rows = [r for r in rep["rows"] if r["policy"] == name]
+        ax.plot([r["position"] for r in rows], [r["decode_tok_s"] for r in rows], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("position (tokens in the sequence)")
+    ax.set_ylabel("decode tok/s")
+    ax.set_ylim(bottom=0)
+    ax.axvline(rep["budget"], color="grey", lw=0.8, ls="--")
+    ax.set_title(f"{Path(rep['model']).name}: decode speed vs position, budget {rep['budget']}", fontsize=10)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _int_list(text: str) -> list:
+    from .cli import CliError
+    try:
+        vals = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"--positions takes comma-separated integers, e.g. 2048,8192 (got {text!r})") from None
+    if not vals:
+        raise CliError("--positions is empty")
+    return vals
+
+
+def cmd_bench(args) -> int:
+    from .cli import CliError, _print_json, check_gguf, resolve_model
+    path = resolve_model(args.model)
+    for flag, v in (("--budget", args.budget), ("--window", args.window), ("--repeat", args.repeat),
+                    ("--interval", args.interval), ("--n-batch", args.n_batch)):
+        if v < 1:
+            raise CliError(f"{flag} must be positive")
+    policies = parse_policies(args.policies, args.cache_type_k, args.cache_type_v or args.cache_type_k)
+    if args.calib:
+        calib = Path(args.calib).expanduser()
+        if not calib.is_file():
+            raise CliError(f"--calib {calib}: no such file")
+        check_gguf(calib)
+    else:
+        calib = None
+    parallel = args.parallel
+    if parallel is not None and parallel != "auto":
+        try:
+            parallel = int(parallel)
+        except ValueError:
+            raise CliError(f"--parallel takes a number of sequences or 'auto' (got {parallel!r})") from None
+        if parallel < 1:
+            raise CliError("--parallel must be at least 1")
+    if args.plot:
+        out = Path(args.plot).expanduser()
+        if not out.parent.is_dir():
+            raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
+        from .inspect import _require_matplotlib
+        try:
+            _require_matplotlib()
+        except ImportError as e:
+            raise CliError(str(e)) from None
+    rep = run_bench(path, budget=args.budget, positions=_int_list(args.positions), policies=policies,
+                    window=args.window, repeat=args.repeat, interval=args.interval, n_batch=args.n_batch,
+                    sink=args.sink, threads=args.threads, score_threads=args.score_threads,
+                    n_gpu_layers=args.n_gpu_layers, calib=calib, calib_tokens=args.calib_tokens,
+                    parallel=parallel, parallel_position=args.parallel_position, kv_unified=args.kv_unified,
+                    interleave=not args.sequential, progress=not args.quiet)
+    if args.plot:
+        plot_report(rep, Path(args.plot).expanduser())
+        rep["plot"] = str(Path(args.plot).expanduser())
+    if args.json:
+        _print_json(rep)
+    else:
+        print(format_report(rep))
+        if args.plot:
+            print(f"wrote {rep['plot']}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    import argparse
+    p = sub.add_parser("bench", help="decode speed, scoring cost and KV memory of eviction policies vs full attention",
+                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="GGUF path or model name (see: pytriatt models list)")
+    p.add_argument("--budget", type=int, default=2048, help="KV tokens an evicting policy keeps (default 2048)")
+    p.add_argument("--positions", default="2048,8192,32768",
+                   help="comma-separated positions to measure decode speed at (default 2048,8192,32768)")
+    p.add_argument("--policies", default="full,tri",
+                   help="comma-separated POLICY[+shift][:TYPE] specs (default full,tri); see above")
+    p.add_argument("--window", type=int, default=128,
+                   help="decode steps timed at each position (default 128 = the default interval: an evicting "
+                        "policy's window then holds exactly one round, so its cost is amortized as in use)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="windows per position, alternating between the policies; rates are over their total time "
+                        "(default 1; on a busy machine use short windows and many repeats)")
+    p.add_argument("--interval", type=int, default=128, help="evict once budget + interval tokens are cached")
+    p.add_argument("--sink", type=int, default=4, help="never evict the first N tokens (default 4)")
+    p.add_argument("-b", "--n-batch", type=int, default=512,
+                   help="prefill batch size (default 512); an evicting policy's context holds "
+                        "budget + max(interval, n_batch) cells, rounded up to 256")
+    p.add_argument("-ctk", "--cache-type-k", default="f16", choices=sorted(TYPE_BYTES), help="K cache type (default f16)")
+    p.add_argument("-ctv", "--cache-type-v", default=None, choices=sorted(TYPE_BYTES),
+                   help="V cache type (default: the K type)")
+    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (99: all)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--score-threads", type=int, default=0, help="tri: scoring threads (default 0 = --threads)")
+    p.add_argument("--parallel", metavar="N|auto",
+                   help="also decode N sequences of the first evicting policy together in one context and compare "
+                        "their aggregate tok/s with one full sequence at the largest position; auto: as many as "
+                        "fit in that full sequence's KV memory")
+    p.add_argument("--parallel-position", type=int, default=None,
+                   help="position the parallel sequences are brought to (default 4 x budget: past a few rounds "
+                        "a step's cost no longer depends on the position)")
+    p.add_argument("--kv-unified", action="store_true",
+                   help="parallel: one KV stream shared by all sequences (default: one stream per sequence)")
+    p.add_argument("--calib", help="tri: GGUF carrying this model's triattention.* statistics")
+    p.add_argument("--calib-tokens", type=int, default=2048,
+                   help="tri, uncalibrated model: tokens of the cached speed-only calibration (default 2048)")
+    p.add_argument("--sequential", action="store_true",
+                   help="run the policies one after another (per-policy peak RSS) instead of interleaving them "
+                        "position by position (ratios robust to changing machine load; one process-wide peak RSS)")
+    p.add_argument("--plot", metavar="PNG", help="draw decode tok/s against position per policy (needs matplotlib)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.set_defaults(func=cmd_bench)
