@@ -2,6 +2,7 @@
 // See llama-triatt-policy.h. The algorithm (scoring, ranking) lives in triatt-*.cpp.
 
 #include "llama-triatt-policy.h"
+#include "llama-triatt-score-backend.h"
 
 #include "llama-batch.h"
 #include "llama-context.h"
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 static thread_local std::string g_kv_policy_error;
@@ -184,6 +186,7 @@ static bool triatt_read_calib(const char * path, const llama_model & model, tria
 }
 
 llama_kv_policy::~llama_kv_policy() {
+    triatt_score_backend_free(scorer_be);
     triatt_scorer_free(scorer);
     triatt_selector_free(selector);
 }
@@ -313,6 +316,8 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
         return false;
     }
     scorer = triatt_scorer_init(&calib);
+    const char * force = getenv("PYTRIATT_SCORE_BACKEND");
+    force_backend = force && strcmp(force, "1") == 0;
     return scorer != nullptr;
 }
 
@@ -395,6 +400,35 @@ bool llama_kv_policy::score_layers_tri(llama_context & ctx, llama_kv_cache & kv,
     sp.n_threads = params.n_threads > 0 ? params.n_threads : (int32_t) ctx.n_threads();
     scores.resize((size_t) layers.size() * n_cells * n_head);
     for (size_t li = 0; li < layers.size(); ++li) {
+        ggml_tensor * k = kv.get_k_storage(layers[li]);
+        const bool on_host = k->buffer && ggml_backend_buffer_is_host(k->buffer);
+        if (!on_host || force_backend) {
+            // score where the cache lives: the context's backend that can use K's buffer
+            ggml_backend_sched_t sched = ctx.get_sched();
+            ggml_backend_t be = nullptr;
+            for (int i = 0; i < ggml_backend_sched_get_n_backends(sched) && !be; ++i) {
+                ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+                if (ggml_backend_supports_buft(b, ggml_backend_buffer_get_type(k->buffer))) {
+                    be = b;
+                }
+            }
+            std::string err;
+            if (be && be != scorer_be_backend) {
+                triatt_score_backend_free(scorer_be);
+                scorer_be = triatt_score_backend_init(be, calib, err);
+                scorer_be_backend = scorer_be ? be : nullptr;
+            }
+            if (be && scorer_be) {
+                if (!triatt_score_backend_layer(scorer_be, layers[li], k, kv.get_stream(seq_id), n_cells,
+                                                kv.get_k_rot_size(), t, scores.data() + li * (size_t) n_cells * n_head, err)) {
+                    error = "KV policy tri: scoring layer " + std::to_string(layers[li]) + " on " +
+                            ggml_backend_name(be) + " failed: " + err;
+                    return false;
+                }
+                continue;
+            }
+            // no backend can read it in place: fall back to copying K to the host
+        }
         triatt_key_type kt;
         int64_t stride;
         const void * keys = k_rows(kv, li, seq_id, n_cells, kt, stride);

@@ -41,6 +41,13 @@ struct llama_kv_policy {
     triatt_scorer   * scorer   = nullptr;
     triatt_selector * selector = nullptr;
 
+    // TRI on a K cache in device memory: the scores are computed on the cache's backend
+    // (llama-triatt-score-backend.cpp) and only they come back; PYTRIATT_SCORE_BACKEND=1 forces
+    // that path for host caches too (to test it on the CPU)
+    struct triatt_score_backend * scorer_be = nullptr;
+    ggml_backend_t scorer_be_backend = nullptr;
+    bool force_backend = false;
+
     // the layers scored (those with their own K storage in the full-attention cache)
     std::vector<int32_t> layers;
     int32_t n_head    = 0;

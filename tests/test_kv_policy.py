@@ -411,3 +411,22 @@ def test_counters_are_per_sequence_and_a_cleared_sequence_starts_afresh(tiny_ggu
         assert held[:8].tolist() == list(range(8)) and held[8] > 50   # only the new 8-token prompt is kept
         assert ctx.kv_policy_stats(0)["n_evicted"] == 128 - held.size
         assert ctx.kv_policy_stats(-1)["n_rounds"] > ctx.kv_policy_stats(0)["n_rounds"]
+
+
+@pytest.mark.parametrize("type_k", ["f16", "bf16"])   # quantized K: tests/test_score_backend.py
+def test_tri_scored_by_the_backend_graph_keeps_the_same_tokens(calibrated, monkeypatch, type_k):
+    """The graph path (used when K lives in device memory; PYTRIATT_SCORE_BACKEND=1 forces it on the
+    CPU) keeps the same tokens as the host scorer, round after round."""
+    m = Model(calibrated("qwen3"))
+    kept = {}
+    for force in ("0", "1"):
+        monkeypatch.setenv("PYTRIATT_SCORE_BACKEND", force)
+        with Context(m, n_ctx=BUDGET + 64, n_batch=64, n_threads=1, type_k=type_k) as ctx:
+            ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=2, window=4)
+            steps = []
+            for step in range(40):
+                ctx.decode(_tokens(5, 700 + step), logits="none")
+                steps.append(ctx.positions(0).tolist())
+            assert ctx.kv_policy_stats()["n_rounds"] >= 5
+            kept[force] = steps
+    assert kept["0"] == kept["1"]
