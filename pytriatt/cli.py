@@ -7,6 +7,11 @@
     pytriatt calibrate MODEL -o OUT.gguf     measure the query statistics and embed them in a copy of the GGUF
     pytriatt info MODEL                      architecture, TriAttention calibration and its concentration profile
     pytriatt plot MODEL -o heads.png         picture of the calibration: R per layer, attention vs distance
+    pytriatt eval MODEL --task nll|passkey|agree|dfs|recall --policies ... --budgets ...
+                                             quality of each KV policy against full attention
+    pytriatt bench MODEL --budget N --positions 2048,8192
+                                             decode speed and KV memory of each policy, ratios to full
+    pytriatt serve MODEL --budget N          OpenAI-compatible server on 127.0.0.1 with a KV budget
 
 MODEL is a GGUF path or a model name from `pytriatt models list` (default: smollm2-135m).
 """
@@ -513,11 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_plot)
 
     # subcommands that live in modules of their own: each module's add_parser(sub) sets func
-    import importlib
-    import importlib.util
-    for module in ("evaluate", "bench", "serve"):
-        if importlib.util.find_spec(f"pytriatt.{module}") is not None:
-            importlib.import_module(f"pytriatt.{module}").add_parser(sub)
+    from . import bench, evaluate, serve
+    for module in (evaluate, bench, serve):
+        module.add_parser(sub)
     return ap
 
 
