@@ -197,12 +197,13 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
                 raise CliError(f"--calib {calib}: no such file")
             check_gguf(calib)
         if not gguf_io.has_prefix(calib, "triattention."):
-            if args.calibrate:
+            if getattr(args, "calibrate", False):
                 calib = _calibrated_copy(path, args.n_gpu_layers)
             else:
+                now = "--calibrate to do it now, " if hasattr(args, "calibrate") else ""
                 raise CliError(f"{calib} carries no TriAttention calibration; add it with: "
                                f"{inspect.calibrate_command(args.calib or model_arg)} "
-                               f"(or pass --calibrate to do it now, --calib FILE, or use --policy streaming)")
+                               f"(or pass {now}--calib FILE, or use --policy streaming)")
         kw["kv_calib"] = str(calib)
     return kw
 

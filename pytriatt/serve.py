@@ -19,10 +19,9 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 from . import _llama
-from .cli import CliError, check_gguf, resolve_model
+from .cli import CliError, resolve_model
 
 SERVER_PACKAGES = "fastapi uvicorn sse-starlette starlette-context pydantic-settings"
 INSTALL_HINT = "pip install 'pytriatt[serve]'   (or: pip install " + SERVER_PACKAGES + ")"
@@ -184,27 +183,10 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _kv_settings(args, path, model_arg: str) -> dict:
-    """The KV-policy fields of llama_cpp.server's ModelSettings (empty: full attention, stock behaviour)."""
-    policy = args.policy or ("tri" if args.budget is not None else "full")
-    if policy == "full":
-        return {}
-    kv = dict(kv_policy=policy, kv_budget=args.budget, kv_interval=args.interval, kv_sink=args.sink,
-              kv_window=args.window, kv_protect_prompt=args.protect_prompt)
-    if args.shift:
-        kv["kv_shift"] = True
-    if policy == "tri":
-        from . import gguf_io, inspect
-        calib = Path(args.calib).expanduser() if args.calib else path
-        if args.calib:
-            if not calib.is_file():
-                raise CliError(f"--calib {calib}: no such file")
-            check_gguf(calib)
-        if not gguf_io.has_prefix(calib, "triattention."):
-            raise CliError(f"{calib} carries no TriAttention calibration; add it with: "
-                           f"{inspect.calibrate_command(args.calib or model_arg)} "
-                           f"(or pass --calib FILE, or use --policy streaming)")
-        kv["kv_calib"] = str(calib)
-    return kv
+    """The KV-policy fields of llama_cpp.server's ModelSettings (empty: full attention, stock behaviour):
+    the same as `pytriatt run` passes to Llama."""
+    from .cli import _kv_policy_args
+    return _kv_policy_args(args, path, model_arg)
 
 
 def _check_flags(args) -> None:
