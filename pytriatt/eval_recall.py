@@ -10,6 +10,9 @@ would serve) are replayed: the share of their softmax attention mass over positi
 0..t that falls on the kept tokens, per query head, averaged over heads, layers and
 queries, is that policy's recall at that step. `oracle` keeps the tokens those future
 queries attend to most (the best any single token set can do, averaged over heads).
+`tri-perhead` and `oracle-perhead` are diagnostics llama.cpp cannot run: every KV head
+of every layer keeps its own `budget` tokens (as the paper's reference implementation
+does); the gap to `tri` / `oracle` is what sharing one cell set across heads and layers costs.
 
 This is a one-shot diagnostic (a single choice from a full cache), not the iterated
 eviction of a generation; nll/agree/passkey/dfs measure that.
@@ -19,8 +22,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import struct
-import sys
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -29,6 +30,8 @@ from . import _llama
 from .eval_common import EvalError, load_model, mean_ci, model_name, read_text, row, say, text_tokens
 
 RECALL_POLICIES = ("full", "tri", "streaming", "random", "snapkv", "oracle")
+# per-(layer, KV head) choices: diagnostics of what one shared cell set costs
+PERHEAD_POLICIES = ("tri-perhead", "oracle-perhead")
 # ablations of tri: the name -> keyword arguments of Calibration.score / select
 TRI_ABLATIONS = {
     "tri-notrig": dict(score=dict(trig=False)),
@@ -40,7 +43,7 @@ TRI_ABLATIONS = {
 
 # -- reading tensors out of llama.cpp's graph --------------------------------------------
 
-class _GgmlTensor(ctypes.Structure):
+class GgmlTensor(ctypes.Structure):
     # struct ggml_tensor of the vendored ggml (GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64,
     # GGML_MAX_SRC 10, GGML_MAX_NAME 64)
     _fields_ = [
@@ -55,7 +58,8 @@ class _GgmlTensor(ctypes.Structure):
 _F32, _F16, _I32 = 0, 1, 26
 
 
-def _ggml_lib():
+def ggml_lib():
+    """libggml-base of the installed llama_cpp, with the signatures read_tensor and the eval callbacks use."""
     import llama_cpp
     lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
     lib.ggml_op_desc.restype = ctypes.c_char_p
@@ -67,9 +71,10 @@ def _ggml_lib():
     return lib
 
 
-def _read_tensor(lib, ptr) -> np.ndarray:
-    """A tensor's values in numpy order [ne3, ne2, ne1, ne0], honouring its strides."""
-    t = _GgmlTensor.from_address(ptr)
+def read_tensor(lib, ptr) -> np.ndarray:
+    """A copy of a tensor's values in numpy order [ne3, ne2, ne1, ne0], honouring its strides, in its
+    own type (f32, f16 or i32); `lib` is ggml_lib(), `ptr` the tensor's address (an eval callback's)."""
+    t = GgmlTensor.from_address(ptr)
     dtype = {_F32: np.float32, _F16: np.float16, _I32: np.int32}.get(t.type)
     if dtype is None:
         raise NotImplementedError(f"tensor {t.name!r} has ggml type {t.type}")
@@ -79,6 +84,10 @@ def _read_tensor(lib, ptr) -> np.ndarray:
     shape = tuple(int(t.ne[i]) for i in range(3, -1, -1))
     strides = tuple(int(t.nb[i]) for i in range(3, -1, -1))
     return np.array(np.lib.stride_tricks.as_strided(raw.view(dtype), shape=shape, strides=strides))
+
+
+# the names capture_qk uses
+_GgmlTensor, _ggml_lib, _read_tensor = GgmlTensor, ggml_lib, read_tensor
 
 
 def capture_qk(model, tokens: Sequence[int], q_positions: Sequence[int], *, n_batch: int = 256):
@@ -185,6 +194,15 @@ def _top_keep(score: np.ndarray, budget: int, sink: int, window: int) -> np.ndar
     return np.sort(np.concatenate([np.where(prot)[0], rest[order]]))
 
 
+def group_scores(raw: np.ndarray, n_head_kv: int) -> np.ndarray:
+    """Per KV head token scores [n, n_head_kv] from raw per-query-head scores [n, n_head]: each
+    query head z-scored over the candidates (population std, floor 1e-6), max over its GQA group
+    (the patch's per-head step, before it averages layers and takes one ranking)."""
+    raw = raw.astype(np.float64)
+    z = (raw - raw.mean(axis=0)) / np.maximum(raw.std(axis=0), 1e-6)
+    return z.reshape(z.shape[0], n_head_kv, -1).max(axis=2)
+
+
 def _softmax_rows(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     np.exp(x, out=x)
@@ -240,7 +258,7 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
 
     policies = list(policies) + ([p for p in TRI_ABLATIONS if p not in policies] if ablations else [])
     for p in policies:
-        if p not in RECALL_POLICIES and p not in TRI_ABLATIONS:
+        if p not in RECALL_POLICIES and p not in TRI_ABLATIONS and p not in PERHEAD_POLICIES:
             raise EvalError(f"recall: unknown policy {p!r}")
     model = load_model(model_path)
     name = name or model_name(model.path)
@@ -255,7 +273,7 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
         need.update(range(max(0, t - snap_window + 1), t + 1))
     say(progress, f"recall: reading {len(toks)} tokens with the full cache, capturing post-RoPE Q and K")
     K, Q, q_index = capture_qk(model, toks, sorted(need))
-    tri_names = [p for p in policies if p == "tri" or p in TRI_ABLATIONS]
+    tri_names = [p for p in policies if p in ("tri", "tri-perhead") or p in TRI_ABLATIONS]
     cal = Calibration.from_gguf(calib, model=model.path) if tri_names else None
     H, Hkv = info["n_head"], info["n_head_kv"]
     g = H // Hkv
@@ -267,7 +285,7 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
         raw_cache: Dict[str, list] = {}
         for p in policies:
             for b in budgets:
-                if p in ("full", "oracle"):
+                if p in ("full", "oracle") or p in PERHEAD_POLICIES:
                     continue
                 if b >= t + 1:
                     keeps[(p, b)] = pos
@@ -310,6 +328,23 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
                 m = np.zeros(t + 1, np.float32)
                 m[_top_keep(score, b, sink, window)] = 1.0
                 per.setdefault(("oracle", b), []).append(float(np.mean([(pr @ m).mean() for pr in old_mass])))
+        for p in PERHEAD_POLICIES:
+            if p not in policies:
+                continue
+            if p == "tri-perhead":
+                if "[]" not in raw_cache:
+                    raw_cache["[]"] = [cal.score(il, K[il][:t + 1], pos, t) for il in layers]
+                head_scores = [group_scores(r, Hkv) for r in raw_cache["[]"]]     # per layer [t+1, Hkv]
+            else:
+                head_scores = [pr.reshape(Hkv, g, *pr.shape[1:]).mean(axis=(1, 2)).T for pr in old_mass]
+            for b in budgets:
+                vals = []
+                for sc, pr in zip(head_scores, old_mass):
+                    for j in range(Hkv):
+                        m = np.zeros(t + 1, np.float32)
+                        m[_top_keep(sc[:, j], b, sink, window)] = 1.0
+                        vals.append((pr[j * g:(j + 1) * g] @ m).mean())
+                per.setdefault((p, b), []).append(float(np.mean(vals)))
     rows = []
     if "full" in policies:
         rows.append(row(name, "full", None, None, "recall", len(steps), "recall", 1.0, (1.0, 1.0)))

@@ -46,7 +46,9 @@ Measure how much of a model's quality a KV-cache policy keeps at each budget (to
            averaged) on the tokens each policy would keep. Adds `oracle` (the best single
            token set in hindsight) and, with --ablations, tri without its trig term
            (tri-notrig), without its norm term (tri-nonorm), mean over KV heads
-           (tri-kvmean) and max over offsets (tri-offmax).
+           (tri-kvmean) and max over offsets (tri-offmax). tri-perhead and oracle-perhead
+           (diagnostics, --policies) let every KV head of every layer keep its own tokens,
+           as llama.cpp's shared cells cannot: their gap to tri/oracle is what sharing costs.
 
 Policies: full, tri (TriAttention; the model needs statistics: --calib FILE, or it is
 calibrated once on the fly and cached in $PYTRIATT_CACHE/eval), streaming (sink + most
@@ -86,8 +88,8 @@ def add_parser(sub) -> None:
     p.add_argument("model", help="GGUF path or model name (see: pytriatt models list)")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--policies", default="full,tri,streaming,random",
-                   help="comma-separated: full, tri, streaming, random, snapkv (recall also: oracle, and the tri "
-                        "ablations) (default full,tri,streaming,random)")
+                   help="comma-separated: full, tri, streaming, random, snapkv (recall also: oracle, tri-perhead, "
+                        "oracle-perhead and the tri ablations) (default full,tri,streaming,random)")
     p.add_argument("--budgets", default="128,256,512", help="comma-separated KV budgets in tokens (default 128,256,512)")
     p.add_argument("--shift", action="store_true", help="also run tri and streaming with positions compacted")
     p.add_argument("--tokens", type=int, help="sequence length: nll/recall text tokens (default 2048), passkey prompt "
@@ -132,7 +134,7 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
     name = name or model_name(model_path)
     if task == "recall":
         # recall computes every choice in NumPy/the core: no llama.cpp policy is attached
-        known = set(eval_recall.RECALL_POLICIES) | set(eval_recall.TRI_ABLATIONS)
+        known = set(eval_recall.RECALL_POLICIES) | set(eval_recall.TRI_ABLATIONS) | set(eval_recall.PERHEAD_POLICIES)
         bad = [p for p in policies if p not in known]
         if bad:
             raise EvalError(f"unknown policy {bad[0]!r} for recall (known: {', '.join(sorted(known))})")

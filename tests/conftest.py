@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny random-weight models (written per session) and real models (fetched once)."""
+"""Shared fixtures: tiny random-weight models (written per session), calibrated copies of them, and real
+models (fetched once). `tiny` / `tiny_cal` are the tiny llama and its calibrated copy; a test file that
+means something else by `tiny` defines its own."""
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 
@@ -22,6 +26,36 @@ def tiny_gguf(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_gguf):
+    """The tiny random-weight llama."""
+    return tiny_gguf("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_calibrated(tiny_gguf, tmp_path_factory):
+    """tiny_calibrated(arch) -> tiny_gguf(arch) with its TriAttention statistics embedded (what `pytriatt
+    calibrate` writes, from max_tokens tokens read at n_ctx), cached for the session: tests only read it."""
+    @functools.lru_cache(maxsize=None)
+    def make(arch: str = "llama", *, max_tokens: int = 512, n_ctx: int = 256):
+        from pytriatt import gguf_io
+        from pytriatt.calibrate import calibrate
+
+        src = tiny_gguf(arch)
+        cal, _ = calibrate(src, max_tokens=max_tokens, n_ctx=n_ctx, progress=False)
+        dst = tmp_path_factory.mktemp(f"cal-{arch}") / f"tiny-{arch}.tri.gguf"
+        gguf_io.write_with_metadata(src, dst, cal.gguf_fields())
+        return dst
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_cal(tiny_calibrated):
+    """The tiny llama with its TriAttention statistics embedded (a `pytriatt calibrate` result)."""
+    return tiny_calibrated("llama")
 
 
 @pytest.fixture(scope="session")

@@ -18,20 +18,6 @@ ROW_KEYS = {"policy", "position", "window", "repeat", "decode_tok_s", "decode_ms
             "n_rounds", "score_ms", "evict_ms", "decode_ms", "cells_used", "kv_cells", "kv_bytes"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_gguf):
-    return tiny_gguf("llama")
-
-
-@pytest.fixture(scope="module")
-def tiny_cal(tiny, tmp_path_factory):
-    from pytriatt.calibrate import calibrate
-    cal, _ = calibrate(tiny, max_tokens=512, n_ctx=256, progress=False)
-    dst = tmp_path_factory.mktemp("cal") / "tiny-llama.tri.gguf"
-    gguf_io.write_with_metadata(tiny, dst, cal.gguf_fields())
-    return dst
-
-
 def specs(text, ctk="f16"):
     return bench.parse_policies(text, ctk, ctk)
 

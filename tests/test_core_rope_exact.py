@@ -19,14 +19,14 @@ partial rotary is checked against a re-implementation of ggml's loop in test_cor
 
 from __future__ import annotations
 
-import ctypes
-import os
 import struct
 
 import numpy as np
 import pytest
 
 from pytriatt.core import RopeSpec
+# the ggml tensor reader of pytriatt's recall task (test_calibrate and test_kv_policy import these names from here)
+from pytriatt.eval_recall import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor
 
 gguf = pytest.importorskip("gguf")
 
@@ -34,59 +34,14 @@ gguf = pytest.importorskip("gguf")
 # --------------------------------------------------------------------------- capture
 
 
-class _GgmlTensor(ctypes.Structure):
-    # struct ggml_tensor of the vendored ggml (ggml/include/ggml.h): GGML_MAX_DIMS 4,
-    # GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10, GGML_MAX_NAME 64
-    _fields_ = [
-        ("type", ctypes.c_int),
-        ("buffer", ctypes.c_void_p),
-        ("ne", ctypes.c_int64 * 4),
-        ("nb", ctypes.c_size_t * 4),
-        ("op", ctypes.c_int),
-        ("op_params", ctypes.c_int32 * 16),
-        ("flags", ctypes.c_int32),
-        ("src", ctypes.c_void_p * 10),
-        ("view_src", ctypes.c_void_p),
-        ("view_offs", ctypes.c_size_t),
-        ("data", ctypes.c_void_p),
-        ("name", ctypes.c_char * 64),
-        ("extra", ctypes.c_void_p),
-        ("padding", ctypes.c_char * 8),
-    ]
-
-
-_GGML_TYPE_F32, _GGML_TYPE_F16, _GGML_TYPE_I32 = 0, 1, 26
 _GGML_ROPE_TYPE_NORM, _GGML_ROPE_TYPE_NEOX = 0, 2
 
 
-def _ggml():
-    import llama_cpp
-
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    lib.ggml_op_desc.restype = ctypes.c_char_p
-    lib.ggml_op_desc.argtypes = [ctypes.c_void_p]
-    lib.ggml_nbytes.restype = ctypes.c_size_t
-    lib.ggml_nbytes.argtypes = [ctypes.c_void_p]
-    lib.ggml_backend_tensor_get.restype = None
-    lib.ggml_backend_tensor_get.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t]
-    return lib
-
-
 def _read(lib, ptr) -> np.ndarray:
-    """a tensor's values as numpy, in numpy order [ne3, ne2, ne1, ne0], honouring strides"""
-    t = _GgmlTensor.from_address(ptr)
-    dtype = {_GGML_TYPE_F32: np.float32, _GGML_TYPE_F16: np.float16, _GGML_TYPE_I32: np.int32}.get(t.type)
-    if dtype is None:
-        raise NotImplementedError(f"tensor {t.name!r} has ggml type {t.type}")
-    nbytes = lib.ggml_nbytes(ptr)
-    raw = np.empty(nbytes, dtype=np.uint8)
-    lib.ggml_backend_tensor_get(ptr, raw.ctypes.data, 0, nbytes)
-    shape = tuple(int(t.ne[i]) for i in range(3, -1, -1))
-    strides = tuple(int(t.nb[i]) for i in range(3, -1, -1))
-    pad = (-nbytes) % np.dtype(dtype).itemsize
-    base = np.concatenate([raw, np.zeros(pad, np.uint8)]).view(dtype)
-    arr = np.lib.stride_tricks.as_strided(base, shape=shape, strides=strides)
-    return np.array(arr, dtype=np.float64 if dtype != np.int32 else np.int64)
+    """a tensor's values (read_tensor: numpy order [ne3, ne2, ne1, ne0], honouring strides) widened to
+    float64, or int64 for integer tensors: the precision the checks compare in"""
+    arr = read_tensor(lib, ptr)
+    return arr.astype(np.int64 if arr.dtype.kind == "i" else np.float64)
 
 
 def capture_k_rope(model_path, chunks, **cparams):

@@ -17,22 +17,6 @@ from pytriatt.eval_common import ROW_KEYS, EvalError, wilson
 INTERVAL = 32
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_gguf):
-    return tiny_gguf("llama")
-
-
-@pytest.fixture(scope="module")
-def tiny_cal(tiny, tmp_path_factory):
-    """The tiny llama's TriAttention statistics (a `pytriatt calibrate` result)."""
-    from pytriatt import gguf_io
-    from pytriatt.calibrate import calibrate
-    cal, _ = calibrate(tiny, max_tokens=512, n_ctx=256, progress=False)
-    dst = tmp_path_factory.mktemp("cal") / "tiny.tri.gguf"
-    gguf_io.write_with_metadata(tiny, dst, cal.gguf_fields())
-    return dst
-
-
 def check_rows(rows, task):
     assert rows
     for r in rows:
@@ -228,6 +212,29 @@ def test_recall_is_one_when_the_budget_covers_every_token_and_the_oracle_bounds_
         assert 0.0 < by[(p, 40)] < 1.0
     for p in ("tri", "streaming", "random", "tri-notrig", "tri-nonorm", "tri-kvmean"):
         assert by[("oracle", 40)] >= by[(p, 40)] - 1e-6      # same protections, best token set
+
+
+def test_per_head_choices_bound_the_shared_ones(tiny, tiny_cal):
+    """every KV head keeping its own tokens can only help the oracle; a shared set equals the
+    per-head one when there is a single layer-head to serve"""
+    text = " ".join(["the water was long and the people made it"] * 60)
+    rows = eval_recall.run_recall(tiny, ["tri", "oracle", "tri-perhead", "oracle-perhead"], [40, 1000],
+                                  tokens=200, samples=3, queries=8, interval=INTERVAL, calib=tiny_cal, text=text)
+    check_rows(rows, "recall")
+    by = {(r["policy"], r["budget"]): r["value"] for r in rows}
+    assert by[("oracle-perhead", 40)] >= by[("oracle", 40)] - 1e-6
+    assert by[("oracle-perhead", 40)] >= by[("tri-perhead", 40)] - 1e-6
+    assert by[("tri-perhead", 1000)] == pytest.approx(1.0, abs=1e-6)
+    assert 0.0 < by[("tri-perhead", 40)] < 1.0
+
+
+def test_group_scores_z_score_each_query_head_then_take_the_group_max():
+    raw = np.array([[1.0, 10.0, 0.0, 5.0], [2.0, 20.0, 1.0, 5.0], [3.0, 0.0, 2.0, 5.0]])
+    z = eval_recall.group_scores(raw, 2)
+    assert z.shape == (3, 2)
+    col = lambda c: (c - c.mean()) / max(c.std(), 1e-6)
+    np.testing.assert_allclose(z[:, 0], np.maximum(col(raw[:, 0]), col(raw[:, 1])))
+    np.testing.assert_allclose(z[:, 1], np.maximum(col(raw[:, 2]), 0.0))   # a constant head z-scores to 0
 
 
 def test_recall_keep_sets_are_the_core_selection(tiny, tiny_cal):

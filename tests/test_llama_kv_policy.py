@@ -20,21 +20,6 @@ POLICIES = ["tri", "streaming", "random"]
 BUDGET, INTERVAL, N_BATCH = 64, 32, 32
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_gguf):
-    return tiny_gguf("llama")
-
-
-@pytest.fixture(scope="module")
-def tiny_cal(tiny, tmp_path_factory):
-    """The tiny llama with its TriAttention statistics embedded (a `pytriatt calibrate` result)."""
-    from pytriatt.calibrate import calibrate
-    cal, _ = calibrate(tiny, max_tokens=512, n_ctx=256, progress=False)
-    dst = tmp_path_factory.mktemp("cal") / "tiny-llama.tri.gguf"
-    gguf_io.write_with_metadata(tiny, dst, cal.gguf_fields())
-    return dst
-
-
 def make(path, policy="tri", **kw):
     args = dict(n_ctx=2048, n_batch=N_BATCH, kv_policy=policy, kv_budget=BUDGET, kv_interval=INTERVAL,
                 verbose=False, seed=1)

@@ -16,7 +16,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from _server import ServerProcess, free_port, stop_process
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET, INTERVAL = 32, 16
@@ -55,12 +55,6 @@ def llama_tools():
     return {p.name: p for p in paths}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str, timeout: float = 10):
     with urllib.request.urlopen(url, timeout=timeout) as r:
         return json.load(r)
@@ -72,48 +66,25 @@ def _post(url: str, body: dict, timeout: float = TIMEOUT):
         return json.load(r)
 
 
-class LlamaServer:
+class LlamaServer(ServerProcess):
+    """llama-server on a free port of 127.0.0.1, ready once /health says ok."""
+
+    name = "llama-server"
+
     def __init__(self, binary: Path, args: list[str], start_timeout: float = 120):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([str(binary), *args, "--host", "127.0.0.1", "--port", str(self.port)],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                time.sleep(0.2)
-                self.stop()
-                pytest.fail(f"llama-server exited ({self.proc.returncode}):\n{self.log[-4000:]}")
-            try:
-                if _get(self.url + "/health", timeout=2).get("status") == "ok":
-                    return
-            except (urllib.error.URLError, OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        self.stop()
-        pytest.fail("llama-server did not become ready:\n" + self.log[-4000:])
+        super().__init__([str(binary), *args, "--host", "127.0.0.1", "--port", str(self.port)], start_timeout,
+                         poll_s=0.5)
 
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
+    def ready(self) -> bool:
+        try:
+            return _get(self.url + "/health", timeout=2).get("status") == "ok"
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
 
     def slots(self) -> dict:
         return {s["id"]: s for s in _get(self.url + "/slots")}
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
 
 
 def _complete(url: str, prompt: str, n_predict: int) -> dict:
@@ -176,7 +147,7 @@ def test_two_slots_evict_independently_and_a_reused_slot_starts_clean(llama_tool
 
 
 def _llama_server_error(llama_tools, args: list[str]) -> str:
-    r = subprocess.run([str(llama_tools["llama-server"]), *args, "--host", "127.0.0.1", "--port", str(_free_port())],
+    r = subprocess.run([str(llama_tools["llama-server"]), *args, "--host", "127.0.0.1", "--port", str(free_port())],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
     return r.stdout + r.stderr
@@ -207,20 +178,8 @@ def test_the_help_lists_the_kv_arguments(llama_tools):
         assert arg in r.stdout
 
 
-@pytest.fixture(scope="module")
-def tiny_cal(tiny_gguf, tmp_path_factory):
-    """A tiny random-weight llama with its TriAttention statistics (a `pytriatt calibrate` result)."""
-    from pytriatt import gguf_io
-    from pytriatt.calibrate import calibrate
-    tiny = tiny_gguf("llama")
-    cal, _ = calibrate(tiny, max_tokens=512, n_ctx=256, progress=False)
-    dst = tmp_path_factory.mktemp("cal") / "tiny-llama.tri.gguf"
-    gguf_io.write_with_metadata(tiny, dst, cal.gguf_fields())
-    return dst
-
-
 def test_tri_scores_a_k_cache_that_lives_on_an_rpc_server(llama_tools, tiny_cal):
-    port = _free_port()
+    port = free_port()
     rpc = subprocess.Popen([str(llama_tools["ggml-rpc-server"]), "--host", "127.0.0.1", "--port", str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -246,9 +205,4 @@ def test_tri_scores_a_k_cache_that_lives_on_an_rpc_server(llama_tools, tiny_cal)
         finally:
             srv.stop()
     finally:
-        rpc.terminate()
-        try:
-            rpc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            rpc.kill()
-            rpc.wait(timeout=10)
+        stop_process(rpc, timeout=10)

@@ -11,7 +11,6 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
@@ -22,6 +21,7 @@ pytest.importorskip("uvicorn", reason="the server extras are not installed: pip 
 pytest.importorskip("sse_starlette", reason="the server extras are not installed: pip install 'pytriatt[serve]'")
 openai = pytest.importorskip("openai", reason="the openai client is not installed: pip install openai")
 
+from _server import ServerProcess  # noqa: E402
 from pytriatt import _llama  # noqa: E402
 from pytriatt.cli import main  # noqa: E402
 
@@ -31,48 +31,26 @@ BUDGET, INTERVAL = 64, 32
 REQUEST_TIMEOUT = 120  # seconds, per request (a 2-core machine shared with other jobs decodes slowly)
 
 
-class Server:
-    """A `pytriatt serve` subprocess; its merged stdout/stderr is collected by a thread."""
+class Server(ServerProcess):
+    """A `pytriatt serve` subprocess, ready once it logs the address it listens on."""
+
+    name = "pytriatt serve"
 
     def __init__(self, argv: list[str], start_timeout: float = 120):
-        self.proc = subprocess.Popen([sys.executable, "-m", "pytriatt", "serve", *argv, "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.lines: list[str] = []
-        self._ready = threading.Event()
         self.url = None
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(start_timeout) or self.url is None:
-            self.stop()
-            pytest.fail("the server did not start:\n" + self.log)
+        super().__init__([sys.executable, "-m", "pytriatt", "serve", *argv, "--port", "0"], start_timeout)
 
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.append(line)
+    def ready(self) -> bool:
+        for line in self.lines:
             m = re.search(r"listening on (http://127\.0\.0\.1:\d+)/v1", line)
             if m:
                 self.url = m.group(1)
-                self._ready.set()
-        self._ready.set()   # exited before listening
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+                return True
+        return False
 
     def stats(self) -> dict:
         with urllib.request.urlopen(self.url + "/kv/stats", timeout=10) as r:
             return json.load(r)
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -217,18 +195,6 @@ def test_tri_on_an_uncalibrated_model_names_pytriatt_calibrate(smollm2_path):
     assert r.returncode == 2
     assert "carries no TriAttention calibration" in r.stderr and "pytriatt calibrate" in r.stderr
     assert "Traceback" not in r.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny_cal(tiny_gguf, tmp_path_factory):
-    """A tiny random-weight llama with its TriAttention statistics (a `pytriatt calibrate` result)."""
-    from pytriatt import gguf_io
-    from pytriatt.calibrate import calibrate
-    tiny = tiny_gguf("llama")
-    cal, _ = calibrate(tiny, max_tokens=512, n_ctx=256, progress=False)
-    dst = tmp_path_factory.mktemp("cal") / "tiny-llama.tri.gguf"
-    gguf_io.write_with_metadata(tiny, dst, cal.gguf_fields())
-    return dst
 
 
 def test_tri_scores_the_cache_of_a_calibrated_model(tiny_cal):
