@@ -68,12 +68,7 @@ def nll_rows(name: str, policy: str, position: Optional[str], budget: Optional[i
     m, ci = mean_ci(c.mean() for c in chunks)
     rows = [row(name, policy, position, budget, "nll", n, "nll", float(nll.mean()), ci)]
     if reference is not None:
-        if reference.size != n:
-            raise ValueError("the reference NLL is of another text")
-        d = nll - reference
-        dm, dci = mean_ci((d[s:s + interval].mean() for s in range(0, n, interval)))
-        rows.append(row(name, policy, position, budget, "nll", n, "ppl_ratio", float(np.exp(d.mean())),
-                        (float(np.exp(dci[0])), float(np.exp(dci[1])))))
+        rows.append(paired_ratio_row(name, policy, position, budget, nll, reference, "ppl_ratio", interval=interval))
     edges = np.linspace(0, n, buckets + 1).round().astype(int)
     for a, b in zip(edges[:-1], edges[1:]):
         if b <= a:
@@ -83,6 +78,19 @@ def nll_rows(name: str, policy: str, position: Optional[str], budget: Optional[i
         # positions of the predicted tokens: a+1 .. b
         rows.append(row(name, policy, position, budget, "nll", seg.size, f"nll@{a + 1}-{b}", float(seg.mean()), ci))
     return rows
+
+
+def paired_ratio_row(name: str, policy: str, position: Optional[str], budget: Optional[int], nll: np.ndarray,
+                     other: np.ndarray, metric: str, *, interval: int = 128) -> dict:
+    """exp(mean(nll - other)): the perplexity ratio of two runs over the same tokens, its
+    interval paired chunk by chunk (what both runs share cancels, so the interval says whether
+    the two differ, not how hard the text is)."""
+    if other.size != nll.size:
+        raise ValueError("the two NLLs are of different texts")
+    d = nll - other
+    _, dci = mean_ci(d[s:s + interval].mean() for s in range(0, d.size, interval))
+    return row(name, policy, position, budget, "nll", d.size, metric, float(np.exp(d.mean())),
+               (float(np.exp(dci[0])), float(np.exp(dci[1]))))
 
 
 def run_nll(model_path, policy: str, budget: Optional[int], *, tokens: int = 2048, text: Optional[str] = None,

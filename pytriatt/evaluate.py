@@ -16,7 +16,9 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
 
 from .eval_common import POLICIES, ROW_KEYS, EvalError, calibrated, check_supported, model_name, say
 
@@ -30,7 +32,8 @@ Measure how much of a model's quality a KV-cache policy keeps at each budget (to
   nll      teacher-forced negative log-likelihood of a long text (default: Python's docs,
            from past what calibration reads), decoded in chunks of --interval with the
            policy evicting inside llama_decode. Metrics: nll, ppl_ratio (perplexity /
-           full attention's, paired by chunk), nll@A-B by position.
+           full attention's, paired by chunk), ppl_vs_streaming (/ streaming's at the
+           same budget, paired: below 1 = better than sink + recent), nll@A-B by position.
   passkey  a random key hidden at --depths of a --tokens long filler prompt, then the
            question; exact match per depth over --samples keys (Wilson 95% intervals).
   agree    greedy generation of --gen tokens after --samples prompts of --tokens tokens:
@@ -164,6 +167,7 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
                 runs.append((p, b, True))
     rows: List[dict] = []
     reference = None
+    per_token: Dict[tuple, np.ndarray] = {}
     for policy, budget, sh in runs:
         t0 = time.perf_counter()
         kw = dict(opts, shift=sh)
@@ -171,6 +175,7 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
         say(progress, f"eval: {label} ...")
         if task == "nll":
             r, nll = eval_tasks.run_nll(model_path, policy, budget, reference=reference, **kw)
+            per_token[(policy, budget, sh)] = nll
             if policy == "full":
                 reference = nll
                 r = eval_tasks.nll_rows(name, "full", None, None, nll, nll, interval=opts.get("interval", 128))
@@ -184,6 +189,23 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
             r = eval_tasks.run_dfs(model_path, policy, budget, **kw)
         rows.extend(r)
         say(progress, f"eval: {label}: {time.perf_counter() - t0:.1f} s")
+    if task == "nll":
+        rows.extend(_paired_to_streaming(per_token, name, opts.get("interval", 128)))
+    return rows
+
+
+def _paired_to_streaming(per_token: Dict[tuple, np.ndarray], name: str, interval: int) -> List[dict]:
+    """ppl_vs_streaming rows: each evicting policy against streaming at the same budget and
+    position mode, paired chunk by chunk; below 1 means it predicts the text better than
+    keeping the sink and the most recent tokens does."""
+    from .eval_tasks import paired_ratio_row
+    rows = []
+    for (policy, budget, sh), nll in per_token.items():
+        base = per_token.get(("streaming", budget, sh))
+        if policy in ("full", "streaming") or base is None:
+            continue
+        rows.append(paired_ratio_row(name, policy, "shift" if sh else "gaps", budget, nll, base,
+                                     "ppl_vs_streaming", interval=interval))
     return rows
 
 

@@ -168,6 +168,22 @@ def test_run_nll_reports_mean_ratio_and_position_buckets(tiny):
         eval_tasks.run_nll(tiny, "full", None, tokens=10_000, text=text)
 
 
+def test_nll_compares_each_policy_with_streaming_token_for_token(tiny, tiny_cal):
+    """ppl_vs_streaming = exp(mean NLL difference to streaming at the same budget and mode)"""
+    text = " ".join(["the water was long and the people made it"] * 60)
+    kw = dict(tokens=160, text=text, interval=INTERVAL)
+    rows = evaluate.evaluate(tiny, "nll", ["full", "tri", "streaming", "random"], [48], progress=False,
+                             calib=tiny_cal, **kw)
+    check_rows(rows, "nll")
+    vs = {r["policy"]: r for r in rows if r["metric"] == "ppl_vs_streaming"}
+    assert sorted(vs) == ["random", "tri"]                      # not streaming against itself, not full
+    ratio = {r["policy"]: r["value"] for r in rows if r["metric"] == "ppl_ratio" and r["budget"] == 48}
+    for p in ("tri", "random"):
+        # ratios to full and to streaming share full's NLL: they divide exactly
+        assert vs[p]["value"] == pytest.approx(ratio[p] / ratio["streaming"], rel=1e-9)
+        assert vs[p]["budget"] == 48 and vs[p]["position"] == "gaps"
+
+
 # -- agree ------------------------------------------------------------------------------
 
 def test_agreement_counts_the_prefix_and_all_matching_steps():
