@@ -24,6 +24,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from . import __version__, _llama
 
@@ -205,7 +206,29 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
                                f"{inspect.calibrate_command(args.calib or model_arg)} "
                                f"(or pass {now}--calib FILE, or use --policy streaming)")
         kw["kv_calib"] = str(calib)
+        note = sliding_window_note(path, args.budget, args.window)
+        if note:
+            print(note, file=sys.stderr)
     return kw
+
+
+def sliding_window_note(path: Path, budget: int, window: int) -> Optional[str]:
+    """A hint for tri on a model with sliding-window layers (Gemma 3) run with a small recent window.
+
+    The cells are shared by all layers; tri ranks tokens for the global layers, and the tokens it
+    drops for them are gone for the sliding-window layers too, which need the most recent ones
+    (docs/QUALITY.md: gemma3-270m nll at budget 128, window 1 vs 64)."""
+    from .core import _arch, _reader, _scalar
+    try:
+        r = _reader(path)
+        n_swa = int(_scalar(r, f"{_arch(r)}.attention.sliding_window", 0) or 0)
+    except Exception:   # the loader reports unreadable files itself
+        return None
+    if n_swa <= 0 or window >= budget // 4:
+        return None
+    return (f"note: this model has sliding-window layers (window {n_swa}) that share the cache with the layers "
+            f"tri scores; keep recent tokens for them with --window {budget // 2} (about half the budget; "
+            f"see docs/QUALITY.md)")
 
 
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
