@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -94,7 +95,9 @@ class Model:
             self.ptr = None
 
     def __del__(self):
-        self.close()
+        # at interpreter exit llama_cpp's ctypes functions may be gone already; the OS frees the memory
+        if not sys.is_finalizing():
+            self.close()
 
 
 class Context:
@@ -232,7 +235,9 @@ class Context:
             self.ctx_ptr = None
 
     def __del__(self):
-        self.close()
+        # at interpreter exit llama_cpp's ctypes functions may be gone already; the OS frees the memory
+        if not sys.is_finalizing():
+            self.close()
 
     def __enter__(self):
         return self
