@@ -23,7 +23,6 @@ cells in use, not on the cells allocated (llama.cpp attends over the used cells,
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import re
 import sys
@@ -195,14 +194,6 @@ def parse_policies(text: str, type_k: str, type_v: str) -> list:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_calibration_sidecar(model_path: Path, cal, dst: Path) -> Path:
     """A GGUF that holds only metadata: the model's architecture and name and the triattention.* statistics.
 
@@ -234,7 +225,7 @@ def calibrated_copy(path: Path, *, tokens: int, n_gpu_layers: int = 0, progress:
     if progress:
         print(f"bench: {path.name} carries no TriAttention calibration; hashing it to look for a cached one",
               file=sys.stderr)
-    dst = models.cache_dir() / "bench" / f"{path.stem}-{_sha256(path)[:16]}-{tokens}.calib.gguf"
+    dst = models.cache_dir() / "bench" / f"{path.stem}-{models.sha256_file(path)[:16]}-{tokens}.calib.gguf"
     if dst.is_file():
         return dst
     if progress:

@@ -8,7 +8,6 @@ command line.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import os
 import sys
@@ -234,11 +233,8 @@ def cache_root() -> Path:
 
 
 def file_sha256(path: PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from .models import sha256_file
+    return sha256_file(path)
 
 
 def calibrated(model_path: PathLike, *, tokens: int = 8192, n_ctx: int = 4096, progress: bool = True) -> Path:

@@ -166,7 +166,8 @@ def _say(progress: bool, msg: str) -> None:
         print(f"pytriatt: {msg}", file=sys.stderr, flush=True)
 
 
-def _sha256_file(path: pathlib.Path) -> str:
+def sha256_file(path) -> str:
+    """hex sha256 of a file, read in blocks"""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
@@ -332,7 +333,7 @@ def get(
         if _stamp_matches(dest, spec):
             return dest
         _say(progress, f"verifying {dest} ...")
-        got = _sha256_file(dest)
+        got = sha256_file(dest)
         if got == spec.sha256:
             _write_stamp(dest, spec)
             return dest

