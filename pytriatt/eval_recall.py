@@ -86,10 +86,6 @@ def read_tensor(lib, ptr) -> np.ndarray:
     return np.array(np.lib.stride_tricks.as_strided(raw.view(dtype), shape=shape, strides=strides))
 
 
-# the names capture_qk uses
-_GgmlTensor, _ggml_lib, _read_tensor = GgmlTensor, ggml_lib, read_tensor
-
-
 def capture_qk(model, tokens: Sequence[int], q_positions: Sequence[int], *, n_batch: int = 256):
     """Decode `tokens` (positions 0..n-1, full cache) and copy every layer's post-RoPE keys (all
     positions) and queries (at q_positions) out of the graph.
@@ -99,7 +95,7 @@ def capture_qk(model, tokens: Sequence[int], q_positions: Sequence[int], *, n_ba
     from .context import Context
 
     lc = _llama.require_patched()
-    lib = _ggml_lib()
+    lib = ggml_lib()
     n = len(tokens)
     q_index = {int(p): i for i, p in enumerate(sorted(set(int(p) for p in q_positions)))}
     K: Dict[int, np.ndarray] = {}
@@ -108,7 +104,7 @@ def capture_qk(model, tokens: Sequence[int], q_positions: Sequence[int], *, n_ba
 
     @lc.ggml_backend_sched_eval_callback
     def cb(ptr, ask, user_data):
-        t = _GgmlTensor.from_address(ptr)
+        t = GgmlTensor.from_address(ptr)
         name = t.name
         if not (name.startswith(b"Qcur-") or name.startswith(b"Kcur-")):
             return not ask
@@ -118,8 +114,8 @@ def capture_qk(model, tokens: Sequence[int], q_positions: Sequence[int], *, n_ba
             return True
         try:
             il = int(name.split(b"-")[1])
-            post = _read_tensor(lib, ptr)[0].astype(np.float32)      # [n_tokens, n_heads, head_dim]
-            pos = _read_tensor(lib, t.src[1]).ravel()[: post.shape[0]].astype(np.int64)
+            post = read_tensor(lib, ptr)[0].astype(np.float32)      # [n_tokens, n_heads, head_dim]
+            pos = read_tensor(lib, t.src[1]).ravel()[: post.shape[0]].astype(np.int64)
             if name.startswith(b"K"):
                 k = K.get(il)
                 if k is None:
