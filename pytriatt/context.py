@@ -94,9 +94,10 @@ class Model:
             self._lc.llama_model_free(self.ptr)
             self.ptr = None
 
-    def __del__(self):
-        # at interpreter exit llama_cpp's ctypes functions may be gone already; the OS frees the memory
-        if not sys.is_finalizing():
+    def __del__(self, _finalizing=sys.is_finalizing):
+        # at interpreter exit llama_cpp's ctypes functions (and this module's globals) may be gone
+        # already; the OS frees the memory. The default argument outlives the module's globals.
+        if not _finalizing():
             self.close()
 
 
@@ -234,9 +235,10 @@ class Context:
             self._lc.llama_free(self.ctx_ptr)
             self.ctx_ptr = None
 
-    def __del__(self):
-        # at interpreter exit llama_cpp's ctypes functions may be gone already; the OS frees the memory
-        if not sys.is_finalizing():
+    def __del__(self, _finalizing=sys.is_finalizing):
+        # at interpreter exit llama_cpp's ctypes functions (and this module's globals) may be gone
+        # already; the OS frees the memory. The default argument outlives the module's globals.
+        if not _finalizing():
             self.close()
 
     def __enter__(self):

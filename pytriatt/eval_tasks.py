@@ -10,14 +10,13 @@ answer parsers, the DFS generator and checker) are importable and tested on thei
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .eval_common import (EvalError, load_model, log_softmax_at, mean_ci, model_name, open_context, read_text,
-                          row, say, text_tokens, wilson)
+                          row, text_tokens, wilson)
 
 # keyword arguments every task passes through to the policy (eval_common.attach_policy)
 POLICY_KW = ("sink", "window", "seed", "calib", "shift", "snap_window", "kv_agg")

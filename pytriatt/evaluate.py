@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .eval_common import POLICIES, ROW_KEYS, EvalError, calibrated, check_supported, model_name, say
+from .eval_common import EvalError, calibrated, check_supported, model_name, say
 
 TASKS = ("nll", "passkey", "agree", "dfs", "recall")
 DEFAULT_METRIC = {"nll": "ppl_ratio", "passkey": "acc", "agree": "prefix", "dfs": "acc", "recall": "recall"}
