@@ -231,8 +231,8 @@ def test_recall_is_one_when_the_budget_covers_every_token_and_the_oracle_bounds_
 
 
 def test_per_head_choices_bound_the_shared_ones(tiny, tiny_cal):
-    """every KV head keeping its own tokens can only help the oracle; a shared set equals the
-    per-head one when there is a single layer-head to serve"""
+    """every KV head keeping its own tokens can only help the oracle, and no per-head choice beats
+    the per-head oracle; a budget covering the text keeps everything"""
     text = " ".join(["the water was long and the people made it"] * 60)
     rows = eval_recall.run_recall(tiny, ["tri", "oracle", "tri-perhead", "oracle-perhead"], [40, 1000],
                                   tokens=200, samples=3, queries=8, interval=INTERVAL, calib=tiny_cal, text=text)
