@@ -236,10 +236,14 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     for (uint32_t il : kv->get_layer_ids()) {
         layers.push_back((int32_t) il);
     }
-    n_head    = (int32_t) hp.n_head(0);
-    n_head_kv = (int32_t) hp.n_head_kv(0);
-    head_dim  = (int32_t) hp.n_embd_head_k(0);
-    selector  = triatt_selector_init();
+    n_head     = (int32_t) hp.n_head(0);
+    n_head_kv  = (int32_t) hp.n_head_kv(0);
+    head_dim   = (int32_t) hp.n_embd_head_k(0);
+    head_dim_v = (int32_t) hp.n_embd_head_v(0);
+    selector   = triatt_selector_init();
+    if (p.granularity != LLAMA_KV_POLICY_SHARED && !init_per_head(*kv, model)) {
+        return false;
+    }
 
     const ggml_type tk = kv->type_k();
     const bool scores_keys = p.type == LLAMA_KV_POLICY_TRI || p.type == LLAMA_KV_POLICY_SNAPKV;
@@ -321,6 +325,48 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     return scorer != nullptr;
 }
 
+// per-head: what moving one head's rows between cells needs from the cache and the model
+bool llama_kv_policy::init_per_head(llama_kv_cache & kv, const llama_model & model) {
+    const auto & hp = model.hparams;
+    const llama_kv_policy_params & p = params;
+    if (p.granularity != LLAMA_KV_POLICY_PER_KV_HEAD && p.granularity != LLAMA_KV_POLICY_PER_LAYER_HEAD) {
+        error = "KV policy: unknown granularity " + std::to_string((int) p.granularity);
+        return false;
+    }
+    if (p.type != LLAMA_KV_POLICY_TRI && p.type != LLAMA_KV_POLICY_SNAPKV) {
+        error = std::string("KV policy ") + triatt_policy_name(p.type) + ": per-head eviction ranks tokens per head, "
+                "which only tri and snapkv do (streaming and random keep the same tokens in every head)";
+        return false;
+    }
+    if (p.shift) {
+        error = "KV policy: per-head eviction cannot shift positions (a cell holds a different token in each head, "
+                "so no single shift re-rotates it correctly): keep the gaps (shift off) or use shared eviction";
+        return false;
+    }
+    if (hp.use_alibi) {
+        error = "KV policy: per-head eviction needs the cached keys to carry their positions (RoPE); this model uses "
+                "ALiBi, whose bias is computed from the cell's position: use shared eviction";
+        return false;
+    }
+    for (int32_t il : layers) {
+        if ((int32_t) hp.n_head_kv(il) != n_head_kv || (int32_t) hp.n_embd_head_k(il) != head_dim ||
+            (int32_t) hp.n_embd_head_v(il) != head_dim_v) {
+            error = "KV policy: per-head eviction needs the same KV heads and head size in every layer (layer " +
+                    std::to_string(il) + " differs): use shared eviction";
+            return false;
+        }
+    }
+    for (ggml_type t : { kv.type_k(), kv.type_v() }) {
+        if (head_dim % ggml_blck_size(t) != 0 || head_dim_v % ggml_blck_size(t) != 0) {
+            error = std::string("KV policy: per-head eviction moves whole quantization blocks, and a head of ") +
+                    std::to_string(head_dim) + " values is not a whole number of " + ggml_type_name(t) +
+                    " blocks: use shared eviction or another cache type";
+            return false;
+        }
+    }
+    return true;
+}
+
 bool llama_kv_policy::before_batch(llama_context & ctx, llama_batch_allocr & balloc) {
     if (params.type == LLAMA_KV_POLICY_FULL) {
         return true;
@@ -342,6 +388,9 @@ bool llama_kv_policy::before_batch(llama_context & ctx, llama_batch_allocr & bal
                 st.prompt_len = balloc.seq_pos_max(s) + 1;
             }
             st.prompt_declared = false;
+            if (llama_kv_cache * kv = triatt_full_cache(ctx)) {
+                forget_free_cells(*kv, s);
+            }
             for (auto & sq : snap) {
                 sq.n = sq.next = 0;
             }
@@ -627,20 +676,31 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
     const double t1 = triatt_now_ms();
 
     keep.resize(n);
-    std::string err;
-    const int64_t n_keep = triatt_select(selector, sel, n, cand_pos.data(), layer_ptrs.data(), (int32_t) layer_ptrs.size(),
-                                         n_head, n_head_kv, keep.data(), &err);
-    if (n_keep < 1) {
-        error = "KV policy: " + (err.empty() ? std::string("no token kept") : err);
-        return false;
+    n_moved = 0;
+    int64_t n_keep = 0;
+    bool per_head = sel.policy == TRIATT_POLICY_TRIATTENTION && params.granularity != LLAMA_KV_POLICY_SHARED;
+    if (per_head && !round_per_head(*kv, seq_id, sel, n_keep)) {
+        if (!error.empty()) {
+            return false;
+        }
+        per_head = false; // cells shared with other sequences: evict whole cells this round
     }
-    // keep[] is ascending: evict the candidates it skips
-    evict.clear();
-    for (int64_t i = 0, k = 0; i < n; ++i) {
-        if (k < n_keep && keep[k] == i) {
-            ++k;
-        } else {
-            evict.push_back(cand_pos[i]);
+    if (!per_head) {
+        std::string err;
+        n_keep = triatt_select(selector, sel, n, cand_pos.data(), layer_ptrs.data(), (int32_t) layer_ptrs.size(),
+                               n_head, n_head_kv, keep.data(), &err);
+        if (n_keep < 1) {
+            error = "KV policy: " + (err.empty() ? std::string("no token kept") : err);
+            return false;
+        }
+        // keep[] is ascending: evict the candidates it skips
+        evict.clear();
+        for (int64_t i = 0, k = 0; i < n; ++i) {
+            if (k < n_keep && keep[k] == i) {
+                ++k;
+            } else {
+                evict.push_back(cand_pos[i]);
+            }
         }
     }
     const int32_t n_rm = llama_memory_seq_rm_positions(ctx.get_memory(), seq_id, evict.data(), (int32_t) evict.size());
@@ -657,6 +717,7 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
         s->n_evicted  += (uint64_t) n_rm;
         s->t_score_ms += t1 - t0;
         s->t_evict_ms += t2 - t1;
+        s->n_moved    += n_moved;
     }
     return true;
 }
@@ -696,6 +757,7 @@ struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     p.n_threads      = 0;
     p.snap_window    = 32;
     p.calib_path     = nullptr;
+    p.granularity    = LLAMA_KV_POLICY_SHARED;
     return p;
 }
 
@@ -737,6 +799,27 @@ void llama_kv_policy_set_prompt(struct llama_context * ctx, llama_seq_id seq_id,
     auto & st = ctx->kv_policy->seqs[seq_id];
     st.prompt_len      = n_prompt;
     st.prompt_declared = true;
+}
+
+int32_t llama_kv_policy_head_positions(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head_kv,
+                                       llama_pos * pos, int32_t n_max) {
+    if (!ctx || seq_id < 0 || seq_id >= (llama_seq_id) llama_n_seq_max(ctx) || (n_max > 0 && !pos)) {
+        return -1;
+    }
+    llama_kv_cache * kv = triatt_full_cache(*ctx);
+    if (!kv) {
+        return -1;
+    }
+    llama_kv_policy none;
+    llama_kv_policy * policy = ctx->kv_policy ? ctx->kv_policy : &none;
+    if (!ctx->kv_policy) {
+        // no policy: every head holds the sequence's positions
+        for (uint32_t l : kv->get_layer_ids()) {
+            none.layers.push_back((int32_t) l);
+        }
+        none.n_head_kv = (int32_t) ctx->get_model().hparams.n_head_kv(0);
+    }
+    return policy->head_positions(*kv, seq_id, il, head_kv, pos, n_max);
 }
 
 const char * llama_kv_policy_last_error(void) {

@@ -20,8 +20,10 @@
 #include <vector>
 
 struct llama_context;
+struct llama_model;
 class llama_batch_allocr;
 class llama_kv_cache;
+class llama_kv_cells;
 
 struct llama_kv_policy {
     llama_kv_policy_params params;
@@ -53,6 +55,30 @@ struct llama_kv_policy {
     int32_t n_head    = 0;
     int32_t n_head_kv = 0;
     int32_t head_dim  = 0;
+    int32_t head_dim_v = 0;
+
+    // per-head (llama-triatt-heads.cpp): for each stream, the token position each group of heads holds in each
+    // cell, valid while the cell still has the position it had when written (cell_pos)
+    struct head_map {
+        std::vector<llama_pos> cell_pos; // [kv_size]
+        std::vector<llama_pos> pos;      // [n_groups][kv_size]
+    };
+    struct head_move {
+        int32_t  g;   // group (in a layer's move list: the KV head)
+        uint32_t src; // cell whose rows move
+        uint32_t dst; // surviving cell they move into
+    };
+    std::vector<head_map>  head_maps; // by stream
+    std::vector<uint8_t>   grp_keep;  // [n_groups][n_cand]
+    std::vector<float>     grp_scores;
+    std::vector<const float *> grp_ptrs;
+    std::vector<int32_t>   grp_count;
+    std::vector<int64_t>   grp_order;
+    std::vector<uint8_t>   surviving;
+    std::vector<head_move> moves;
+    std::vector<head_move> layer_moves;
+    std::vector<uint8_t>   move_stage;
+    uint64_t n_moved = 0; // head rows moved by the latest round
 
     // SNAPKV: the post-RoPE queries of the most recent tokens, per scored layer (ring buffers of
     // snap_window x n_head x head_dim), captured through the context's eval callback, which is
@@ -91,6 +117,9 @@ struct llama_kv_policy {
     // with shift, the batch's positions move down with the sequence's
     bool before_batch(llama_context & ctx, llama_batch_allocr & balloc);
 
+    // the positions KV head head_kv of layer il holds for seq_id (llama_kv_policy_head_positions)
+    int32_t head_positions(llama_kv_cache & kv, llama_seq_id seq_id, int32_t il, int32_t head_kv, llama_pos * out, int32_t n_max);
+
     // SNAPKV: the eval callback installed on the context
     static bool snap_cb_eval(struct ggml_tensor * t, bool ask, void * user_data);
 
@@ -98,6 +127,16 @@ private:
     bool round(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, llama_pos pos_max);
     bool score_layers_tri(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t, uint32_t n_cells);
     bool score_layers_snap(llama_kv_cache & kv, llama_seq_id seq_id, uint32_t n_cells);
+    // per-head: rank per group, choose the surviving cells, move rows; fills evict. Returns false with
+    // error set on failure, or with error empty when shared cells leave too few candidates (evict whole cells)
+    bool round_per_head(llama_kv_cache & kv, llama_seq_id seq_id, const triatt_select_params & sel, int64_t & n_keep);
+    bool init_per_head(llama_kv_cache & kv, const llama_model & model);
+    int32_t n_head_groups() const;
+    int32_t head_group(size_t li, int32_t g) const;
+    head_map & head_map_of(const llama_kv_cache & kv, uint32_t stream);
+    llama_pos head_pos(const head_map & hm, const llama_kv_cells & cells, int32_t grp, uint32_t cell) const;
+    void forget_free_cells(llama_kv_cache & kv, llama_seq_id seq_id);
+
     bool shift_down(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, int64_t n_keep);
 
     // the first n_cells K rows of layer layers[li] for seq_id's stream, readable on the host; rows of

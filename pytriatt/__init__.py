@@ -10,7 +10,7 @@ from ._llama import PatchMissingError, patch_info, seq_positions, seq_rm_positio
 
 # the scoring/selection API lives in pytriatt.core (it needs the compiled pytriatt._core);
 # imported on first use so that `import pytriatt` stays light and never fails because of it
-_CORE_NAMES = ("Calibration", "RopeSpec", "select", "model_fingerprint", "CalibrationError",
+_CORE_NAMES = ("Calibration", "RopeSpec", "select", "select_heads", "model_fingerprint", "CalibrationError",
                "FingerprintMismatchError")
 
 

@@ -190,6 +190,14 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
         raise CliError("--budget and --interval must be >= 1, --sink and --window >= 0")
     kw = dict(kv_policy=policy, kv_budget=args.budget, kv_interval=args.interval, kv_sink=args.sink,
               kv_window=args.window, kv_protect_prompt=args.protect_prompt, kv_shift=args.shift)
+    per_head = getattr(args, "per_head", None)
+    if per_head:
+        if policy not in ("tri", "snapkv"):
+            raise CliError(f"--per-head ranks tokens per head, which only tri and snapkv do (not {policy})")
+        if args.shift:
+            raise CliError("--per-head cannot be combined with --shift (a cell holds a different token in each "
+                           "head, so no single position shift is right for it): drop one of them")
+        kw["kv_per_head"] = per_head
     if policy == "tri":
         from . import gguf_io, inspect
         calib = Path(args.calib).expanduser() if args.calib else path
@@ -348,7 +356,8 @@ def cmd_run(args) -> int:
     if kv:
         result.update(budget=args.budget, interval=args.interval, sink=args.sink, window=args.window,
                       shift=args.shift, kv_cells_peak=peak, evictions=st["n_rounds"], tokens_evicted=st["n_evicted"],
-                      score_ms=round(st["t_score_ms"], 3), evict_ms=round(st["t_evict_ms"], 3))
+                      score_ms=round(st["t_score_ms"], 3), evict_ms=round(st["t_evict_ms"], 3),
+                      per_head=getattr(args, "per_head", None) or False, head_rows_moved=st.get("n_moved", 0))
     if args.json:
         _print_json(result)
         return 0
@@ -366,9 +375,12 @@ def cmd_run(args) -> int:
         lines.append(mem)
     if kv:
         lines.append(f"policy {llm.kv_policy}, budget {args.budget}, interval {args.interval}"
-                     f"{', shift' if args.shift else ''}: {result['evictions']} evictions "
+                     f"{', shift' if args.shift else ''}"
+                     f"{', per ' + ('KV head' if args.per_head == 'head' else 'layer and KV head') if args.per_head else ''}"
+                     f": {result['evictions']} evictions "
                      f"({result['tokens_evicted']} tokens), peak {peak} cells, scoring {result['score_ms']:.0f} ms, "
-                     f"evicting {result['evict_ms']:.0f} ms")
+                     f"evicting {result['evict_ms']:.0f} ms"
+                     f"{', ' + str(result['head_rows_moved']) + ' head rows moved' if args.per_head else ''}")
     print("\n".join(f"[{line}]" for line in lines), file=sys.stderr)
     return 0
 
@@ -483,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink", type=int, default=4, help="never evict the first N tokens (default 4)")
     p.add_argument("--window", type=int, default=1, help="never evict the last N tokens (default 1)")
     p.add_argument("--protect-prompt", action="store_true", help="never evict the prompt")
+    p.add_argument("--per-head", nargs="?", const="head", choices=["head", "layer"], default=None,
+                   help="tri, snapkv: every KV head keeps its own tokens (head: one set per KV head, shared by the "
+                        "layers, as the paper does; layer: one per KV head of each layer); same memory")
     p.add_argument("--shift", action="store_true",
                    help="after each eviction shift the kept tokens down so positions stay contiguous (and inside "
                         "the model's trained context for generations longer than it); default: keep their "

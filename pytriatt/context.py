@@ -11,7 +11,7 @@ import ctypes
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -106,9 +106,13 @@ class Context:
 
     def __init__(self, model: Model, n_ctx: int = 512, n_batch: int = 512, n_seq_max: int = 1,
                  n_threads: Optional[int] = None, cb_eval=None, cb_eval_user_data=None,
-                 kv_unified: bool = True, type_k: Optional[str] = None, type_v: Optional[str] = None):
+                 kv_unified: bool = True, type_k: Optional[str] = None, type_v: Optional[str] = None,
+                 flash_attn: Optional[bool] = None):
+        """flash_attn: None lets llama.cpp choose (auto); False also stores V transposed."""
         lc = model._lc
         params = lc.llama_context_default_params()
+        if flash_attn is not None:
+            params.flash_attn_type = 1 if flash_attn else 0
         params.n_ctx = n_ctx
         params.n_batch = n_batch
         params.n_ubatch = n_batch
@@ -139,12 +143,14 @@ class Context:
     def set_kv_policy(self, policy: str = "tri", budget: int = 2048, *, interval: int = 128, sink: int = 0,
                       window: int = 1, protect_prompt: bool = False, kv_agg: str = "max", seed: int = 0,
                       calib: Optional[str | os.PathLike] = None, n_threads: int = 0, shift: bool = False,
-                      snap_window: int = 32) -> None:
+                      snap_window: int = 32, per_head: Union[bool, str] = False) -> None:
         """Attach an eviction policy ("full", "tri", "streaming", "random", "snapkv") run inside llama_decode.
 
         tri needs `calib`: a GGUF carrying this model's statistics (default: the model file itself).
         shift: after each round move the kept tokens down to contiguous positions (decode() with
-        pos0=None continues from the new end); default: they keep their positions."""
+        pos0=None continues from the new end); default: they keep their positions.
+        per_head (tri, snapkv): True or "head": every KV head keeps its own tokens (one set per KV head,
+        shared by the layers); "layer": one set per KV head of each layer; False: one set for all."""
         lc = _llama.require_patched("kv policy")
         types = {"full": lc.LLAMA_KV_POLICY_FULL, "tri": lc.LLAMA_KV_POLICY_TRI,
                  "streaming": lc.LLAMA_KV_POLICY_STREAMING, "random": lc.LLAMA_KV_POLICY_RANDOM}
@@ -159,6 +165,10 @@ class Context:
         p.n_sink, p.n_window, p.protect_prompt = sink, window, protect_prompt
         p.kv_agg_mean, p.seed, p.n_threads = kv_agg == "mean", seed & 0xFFFFFFFF, n_threads
         p.shift, p.snap_window = shift, snap_window
+        granularity = {False: 0, "shared": 0, True: 1, "head": 1, "layer": 2}
+        if not isinstance(per_head, (bool, str)) or per_head not in granularity:
+            raise ValueError(f"per_head must be False, True (or 'head') or 'layer', got {per_head!r}")
+        p.granularity = granularity[per_head]
         self._calib_path = str(calib if calib is not None else self.model.path).encode()
         p.calib_path = self._calib_path
         if lc.llama_set_kv_policy(self.ctx_ptr, ctypes.byref(p)) != 0:
@@ -178,6 +188,17 @@ class Context:
 
     def positions(self, seq_id: int = 0) -> np.ndarray:
         return _llama.seq_positions(self, seq_id)
+
+    def head_positions(self, seq_id: int, layer: int, head_kv: int) -> np.ndarray:
+        """The positions of the tokens KV head head_kv of layer `layer` holds for seq_id, ascending (with
+        per-head eviction each head keeps its own; otherwise they are positions())."""
+        lc = self._lc
+        n = lc.llama_kv_policy_head_positions(self.ctx_ptr, seq_id, layer, head_kv, None, 0)
+        if n < 0:
+            raise ValueError(f"layer {layer} has no KV cache of its own, or KV head {head_kv} is out of range")
+        buf = (lc.llama_pos * max(n, 1))()
+        n = lc.llama_kv_policy_head_positions(self.ctx_ptr, seq_id, layer, head_kv, buf, n)
+        return np.array(buf[:n], dtype=np.int32)
 
     def remove_positions(self, seq_id: int, positions) -> int:
         return _llama.seq_rm_positions(self, seq_id, positions)

@@ -43,6 +43,7 @@ __all__ = [
     "RopeSpec",
     "Calibration",
     "select",
+    "select_heads",
     "model_fingerprint",
     "CalibrationError",
     "FingerprintMismatchError",
@@ -1036,3 +1037,43 @@ def select(
     if return_scores:
         return keep, token
     return keep
+
+
+def select_heads(
+    scores,
+    positions,
+    t: int,
+    budget: int,
+    sink: int = 0,
+    window: int = 0,
+    prompt_len: int = 0,
+    *,
+    n_head_kv: int,
+    granularity: str = "head",
+) -> np.ndarray:
+    """Per-head TriAttention selection: every KV head chooses its own tokens to keep.
+
+    ``scores`` are the raw per-layer scores of ``select`` (``[n_layer][n, n_head]``). With
+    ``granularity="head"`` (the paper's per-head pruning) KV head g ranks the candidates by its own
+    query heads' z-scores, max over its GQA group, mean over the layers, and the result is
+    ``[n_head_kv, k]``; with ``"layer"`` every layer's KV heads choose separately: ``[n_layer,
+    n_head_kv, k]``. Each row holds kept positions, ascending; protections are those of ``select``.
+    """
+    if granularity not in ("head", "layer"):
+        raise ValueError(f"granularity must be 'head' or 'layer', got {granularity!r}")
+    it = list(scores) if not isinstance(scores, np.ndarray) or scores.ndim == 3 else [scores]
+    layers = [np.asarray(s, dtype=np.float32) for s in it if s is not None]
+    if not layers:
+        raise ValueError("select_heads needs the raw scores of at least one layer")
+    n_head = layers[0].shape[1]
+    if n_head % int(n_head_kv) != 0:
+        raise ValueError(f"n_head ({n_head}) must be a multiple of n_head_kv ({n_head_kv})")
+    n_gqa = n_head // int(n_head_kv)
+
+    def one(ls, g):
+        group = [s[:, g * n_gqa:(g + 1) * n_gqa] for s in ls]
+        return select("tri", group, positions, t, budget, sink, window, prompt_len, n_head_kv=1)
+
+    if granularity == "head":
+        return np.stack([one(layers, g) for g in range(int(n_head_kv))])
+    return np.stack([np.stack([one([s], g) for g in range(int(n_head_kv))]) for s in layers])

@@ -18,8 +18,17 @@ import numpy as np
 
 from . import _llama
 
-# policies `pytriatt eval` knows; "full" keeps every token
+# policies `pytriatt eval` knows; "full" keeps every token. "tri@head" / "tri@layer" (and snapkv@...)
+# run them per head: every KV head (of every layer) keeps its own tokens
 POLICIES = ("full", "tri", "streaming", "random", "snapkv")
+GRANULARITIES = {"shared": 0, "head": 1, "layer": 2}
+PER_HEAD_POLICIES = ("tri", "snapkv")
+
+
+def split_policy(name: str):
+    """'tri@head' -> ('tri', 'head'); 'tri' -> ('tri', 'shared')."""
+    base, _, gran = name.partition("@")
+    return base, gran or "shared"
 POSITION_MODES = ("gaps", "shift")
 ROW_KEYS = ("model", "policy", "position", "budget", "task", "n", "metric", "value", "ci_low", "ci_high")
 
@@ -156,9 +165,14 @@ def support() -> dict:
 
 def check_supported(policies: Sequence[str], shift: bool) -> None:
     """Refuse, in one line, policies or position modes the installed build lacks."""
-    for p in policies:
+    for name in policies:
+        p, gran = split_policy(name)
         if p not in POLICIES:
-            raise EvalError(f"unknown policy {p!r} (known: {', '.join(POLICIES)})")
+            raise EvalError(f"unknown policy {name!r} (known: {', '.join(POLICIES)}, and tri@head, tri@layer, "
+                            "snapkv@head, snapkv@layer for per-head eviction)")
+        if gran not in GRANULARITIES or (gran != "shared" and p not in PER_HEAD_POLICIES):
+            raise EvalError(f"policy {name!r}: per-head eviction is tri@head, tri@layer, snapkv@head or snapkv@layer")
+    policies = [split_policy(name)[0] for name in policies]
     have = support()
     if "snapkv" in policies and not have["snapkv"]:
         raise EvalError("policy snapkv needs a llama-cpp-python built with the SnapKV policy "
@@ -181,6 +195,7 @@ def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: i
         return
     lc = _llama.require_patched("kv policy")
     check_supported([policy], shift)
+    policy, gran = split_policy(policy)
     types = {"tri": lc.LLAMA_KV_POLICY_TRI, "streaming": lc.LLAMA_KV_POLICY_STREAMING,
              "random": lc.LLAMA_KV_POLICY_RANDOM}
     if policy == "snapkv":
@@ -195,6 +210,8 @@ def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: i
         p.shift = True
     if policy == "snapkv" and "snap_window" in fields:
         p.snap_window = int(snap_window)
+    if gran != "shared":
+        p.granularity = GRANULARITIES[gran]
     ctx._eval_calib = os.fsencode(os.fspath(calib if calib is not None else ctx.model.path))
     p.calib_path = ctx._eval_calib
     if lc.llama_set_kv_policy(ctx.ctx_ptr, ctypes.byref(p)) != 0:

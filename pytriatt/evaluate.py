@@ -143,7 +143,7 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
             raise EvalError(f"unknown policy {bad[0]!r} for recall (known: {', '.join(sorted(known))})")
     else:
         check_supported(policies, shift)
-    needs_tri = any(p == "tri" or p.startswith("tri-") for p in policies)
+    needs_tri = any(p == "tri" or p.startswith(("tri-", "tri@")) for p in policies)
     if needs_tri and calib is None:
         calib = calibrated(model_path, tokens=calib_tokens, progress=progress)
     opts = dict(opts, calib=calib, name=name)

@@ -324,6 +324,9 @@ def add_parser(sub) -> None:
     p.add_argument("--sink", type=int, default=4, help="never evict the first N tokens (default 4)")
     p.add_argument("--window", type=int, default=1, help="never evict the last N tokens (default 1)")
     p.add_argument("--protect-prompt", action="store_true", help="never evict the prompt")
+    p.add_argument("--per-head", nargs="?", const="head", choices=["head", "layer"], default=None,
+                   help="tri, snapkv: every KV head keeps its own tokens (head: one set per KV head, shared by the "
+                        "layers, as the paper does; layer: one per KV head of each layer); same memory")
     p.add_argument("--shift", action="store_true",
                    help="after each eviction shift the kept tokens down so positions stay contiguous")
     p.add_argument("--calib", help="tri: GGUF with this model's triattention.* statistics (default: the model)")
