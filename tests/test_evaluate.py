@@ -184,6 +184,20 @@ def test_nll_compares_each_policy_with_streaming_token_for_token(tiny, tiny_cal)
         assert vs[p]["budget"] == 48 and vs[p]["position"] == "gaps"
 
 
+def test_per_head_policies_are_rows_of_their_own_paired_with_streaming(tiny, tiny_cal):
+    """tri@head / tri@layer run per-head eviction (every KV head keeps its own tokens) through the patch."""
+    text = " ".join(["the water was long and the people made it"] * 60)
+    rows = evaluate.evaluate(tiny, "nll", ["tri", "tri@head", "tri@layer", "streaming"], [48], progress=False,
+                             calib=tiny_cal, tokens=160, text=text, interval=INTERVAL)
+    check_rows(rows, "nll")
+    vs = {r["policy"]: r["value"] for r in rows if r["metric"] == "ppl_vs_streaming"}
+    assert sorted(vs) == ["tri", "tri@head", "tri@layer"]
+    ratio = {r["policy"]: r["value"] for r in rows if r["metric"] == "ppl_ratio" and r["budget"] == 48}
+    assert len({ratio["tri"], ratio["tri@head"], ratio["tri@layer"]}) == 3   # three different caches
+    with pytest.raises(EvalError, match="per-head eviction is"):
+        evaluate.evaluate(tiny, "nll", ["streaming@head"], [64], progress=False, tokens=100)
+
+
 # -- agree ------------------------------------------------------------------------------
 
 def test_agreement_counts_the_prefix_and_all_matching_steps():

@@ -290,3 +290,23 @@ def test_configurations_per_head_cannot_serve_are_refused(calibrated, tiny_gguf)
             ctx.set_kv_policy("tri", BUDGET, per_head=True, shift=True)
         with pytest.raises(ValueError, match="per_head must be"):
             ctx.set_kv_policy("tri", BUDGET, per_head="heads")
+
+
+def test_cells_shared_with_another_sequence_keep_their_rows(calibrated):
+    """A prompt copied to a second sequence (llama_memory_seq_cp) shares its cells: per-head rounds of the
+    first sequence must not write into them, so the second sequence continues exactly as if alone."""
+    path = calibrated()
+    m = Model(path)
+    prompt, tail = _tokens(40, 21), _tokens(5, 22)          # 45 tokens: no round for sequence 1
+    with Context(m, n_ctx=256, n_batch=64, n_seq_max=2, n_threads=1) as ref:
+        want = ref.decode(prompt + tail, seq_id=1)
+    with Context(m, n_ctx=256, n_batch=64, n_seq_max=2, n_threads=1) as ctx:
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=SINK, window=WINDOW, per_head="head")
+        ctx.decode(prompt, seq_id=0, logits="none")
+        ctx._lc.llama_memory_seq_cp(ctx.memory, 0, 1, -1, -1)
+        for step in range(25):
+            ctx.decode(_tokens(5, 300 + step), seq_id=0, logits="none")
+        assert ctx.kv_policy_stats(0)["n_rounds"] >= 3
+        got = ctx.decode(tail, seq_id=1)
+        assert ctx.kv_policy_stats(1)["n_rounds"] == 0 and ctx.kv_policy_stats(0)["n_moved"] > 0
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

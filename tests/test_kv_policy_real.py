@@ -85,3 +85,45 @@ def test_a_q8_0_k_cache_ranks_like_f16(smollm2_tri):
             kept[type_k] = set(ctx.positions(0).tolist())
     overlap = len(kept["f16"] & kept["q8_0"]) / len(kept["f16"])
     assert overlap >= 0.95, overlap
+
+
+@pytest.mark.parametrize("per_head,type_kv,flash_attn", [
+    ("head", "f16", True), ("head", "f16", False), ("layer", "q8_0", True),
+])
+def test_per_head_rounds_keep_the_cache_bounded_and_a_saved_state_restores_the_logits(smollm2_tri, per_head, type_kv,
+                                                                                     flash_attn):
+    import ctypes
+
+    m = Model(smollm2_tri)
+    prompt = m.tokenize("The history of the printing press begins in the fifteenth century, when")
+    kw = dict(n_ctx=BUDGET + 128, n_batch=64, n_threads=2, type_k=type_kv, type_v=type_kv, flash_attn=flash_attn)
+    with Context(m, **kw) as ctx:
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=4, per_head=per_head)
+
+        def bounded():
+            assert ctx.positions(0).size <= BUDGET + INTERVAL
+
+        _greedy(ctx, m, prompt, 4 * BUDGET, bounded)
+        st = ctx.kv_policy_stats()
+        assert st["n_rounds"] >= 4 and st["n_moved"] > 0
+        assert st["n_evicted"] == ctx.pos_max(0) + 1 - ctx.positions(0).size
+        lc = ctx._lc
+        size = lc.llama_state_get_size(ctx.ctx_ptr)
+        buf = (ctypes.c_uint8 * size)()
+        assert lc.llama_state_get_data(ctx.ctx_ptr, buf, size) == size
+        after = ctx.decode([13])
+    restored = []
+    for _ in range(2):
+        with Context(m, **kw) as fresh:
+            fresh.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=4, per_head=per_head)
+            assert lc.llama_state_set_data(fresh.ctx_ptr, buf, size) == size
+            again = (ctypes.c_uint8 * size)()
+            assert lc.llama_state_get_data(fresh.ctx_ptr, again, size) == size
+            assert bytes(again) == bytes(buf)                      # lossless: every head's moved rows
+            restored.append(fresh.decode([13]))
+    # two restores agree exactly; the original differs by float order only (its cells are scattered,
+    # the restored ones contiguous), which q4_1's quantized activations amplify to about 4%
+    # (the same with shared eviction, measured: 0.037 at this step)
+    assert np.array_equal(restored[0], restored[1])
+    assert np.argmax(restored[0]) == np.argmax(after)
+    assert np.abs(after - restored[0]).max() <= 0.1 * np.abs(after).max()

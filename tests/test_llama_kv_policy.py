@@ -315,6 +315,37 @@ def test_snapkv_runs_through_the_high_level_api(tiny):
     assert llm.kv_policy_stats()["n_rounds"] >= 3 and llm.kv_policy == "snapkv"
 
 
+@pytest.mark.parametrize("per_head", [True, "layer"])
+def test_kv_per_head_keeps_a_token_set_per_head_in_the_same_cells(tiny_cal, per_head):
+    llm = make(tiny_cal, "tri", kv_per_head=per_head)
+    used = []
+    out = generate(llm, prompt_tokens(llm), 4 * BUDGET, used)
+    assert len(out) == 4 * BUDGET and max(used) <= BUDGET + INTERVAL
+    st = llm.kv_policy_stats()
+    assert st["n_rounds"] >= 3 and st["n_moved"] > 0
+    assert llm.kv_cells == make(tiny_cal, "tri").kv_cells      # per head costs no extra cell
+    # the same prompt again after evictions: the same completion (the cache is rebuilt the same way)
+    llm.reset()
+    assert generate(llm, prompt_tokens(llm), 4 * BUDGET) == out
+    with pytest.raises(ValueError, match="kv_per_head must be"):
+        make(tiny_cal, "tri", kv_per_head="all")
+    with pytest.raises(ValueError, match="only tri and snapkv"):
+        make(tiny_cal, "streaming", kv_per_head=True)
+
+
+def test_cli_run_per_head(tiny_cal):
+    r = run_cli("run", str(tiny_cal), "--budget", "64", "--interval", "32", "--per-head", "-n", "200",
+                "--ignore-eos", "-p", "hello", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["per_head"] == "head" and out["head_rows_moved"] > 0 and out["kv_cells_peak"] <= 64 + 32
+    r = run_cli("run", str(tiny_cal), "--budget", "64", "--per-head", "layer", "-n", "150", "--ignore-eos", "-p", "hi")
+    assert r.returncode == 0, r.stderr
+    assert "per layer and KV head" in r.stderr and "head rows moved" in r.stderr
+    r = run_cli("run", str(tiny_cal), "--budget", "64", "--policy", "streaming", "--per-head", "-n", "5")
+    assert r.returncode == 2 and "only tri and snapkv" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_the_memory_summary_is_what_llama_cpp_allocated(tiny, tiny_cal):
     """kv_bytes is the size of llama.cpp's KV buffers: f16 K and V rows of every layer for every cell
     (tiny llama: 2 layers x (2 KV heads x 16 dims) x 2 bytes x (K + V) = 256 bytes a cell), and the
