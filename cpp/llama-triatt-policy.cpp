@@ -228,6 +228,11 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     }
     const llama_model & model = ctx.get_model();
     const auto & hp = model.hparams;
+    if (p.shift && dynamic_cast<llama_kv_cache_iswa *>(ctx.get_memory())) {
+        error = "KV policy: shift cannot be used on a sliding-window model: the local layers keep their own window, "
+                "whose positions a shift of the global layers' tokens would not match; keep the gaps (shift off)";
+        return false;
+    }
     if (p.shift && (!ctx.get_memory()->get_can_shift() || hp.n_pos_per_embd() != 1)) {
         error = "KV policy: shift needs a cache whose positions can be shifted (this model's cannot): "
                 "keep the gaps (shift off)";
@@ -703,7 +708,9 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
             }
         }
     }
-    const int32_t n_rm = llama_memory_seq_rm_positions(ctx.get_memory(), seq_id, evict.data(), (int32_t) evict.size());
+    // from the cache of the layers that were scored only: a sliding-window model's local layers keep their
+    // window in their own cache, which llama.cpp bounds by itself
+    const int32_t n_rm = kv->seq_rm_positions(seq_id, evict);
     if (n_rm < 0) {
         error = "KV policy: removing the evicted tokens failed";
         return false;
@@ -810,6 +817,21 @@ int32_t llama_kv_policy_head_positions(struct llama_context * ctx, llama_seq_id 
     if (!kv) {
         return -1;
     }
+    // a sliding-window layer: its own cache, the same tokens in every head
+    auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(ctx->get_memory());
+    const auto & hp = ctx->get_model().hparams;
+    if (iswa && il >= 0 && il < (int32_t) hp.n_layer() && hp.is_swa(il)) {
+        if (head_kv < 0 || head_kv >= (int32_t) hp.n_head_kv(il)) {
+            return -1;
+        }
+        const int32_t n = iswa->get_swa()->seq_positions(seq_id, nullptr, 0);
+        std::vector<llama_pos> pos_swa(std::max(n, 0));
+        iswa->get_swa()->seq_positions(seq_id, pos_swa.data(), n);
+        for (int32_t i = 0; i < std::min(n, n_max); ++i) {
+            pos[i] = pos_swa[i];
+        }
+        return n;
+    }
     llama_kv_policy none;
     llama_kv_policy * policy = ctx->kv_policy ? ctx->kv_policy : &none;
     if (!ctx->kv_policy) {
@@ -853,6 +875,18 @@ struct llama_kv_policy_stats llama_get_kv_policy_stats(const struct llama_contex
         }
     }
     st.n_cells = (int32_t) llama_n_ctx(ctx);
+    st.n_cells_swa = st.n_cells_used_swa = 0;
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        llama_kv_cache * swa = iswa->get_swa();
+        st.n_cells_swa = (int32_t) swa->get_size();
+        if (seq_id >= 0) {
+            st.n_cells_used_swa = std::max(0, swa->seq_positions(seq_id, nullptr, 0));
+        } else {
+            for (llama_seq_id s = 0; s < (llama_seq_id) llama_n_seq_max(ctx); ++s) {
+                st.n_cells_used_swa += std::max(0, swa->seq_positions(s, nullptr, 0));
+            }
+        }
+    }
     st.kv_bytes = 0;
     if (mem) {
         for (const auto & [buft, size] : mem->memory_breakdown()) {

@@ -48,8 +48,9 @@ peak host RSS, and policy/full ratios -- among them the target metric "tok/s at 
 position = budget" (full is also measured at the budget position for that).
 
 POLICY specs: full, tri, streaming, random (snapkv where the build has it); "+shift" compacts
-positions after each round (builds with the shift mode); ":TYPE" sets that policy's K/V cache type,
-e.g. tri:q8_0 (default: -ctk/-ctv).
+positions after each round (builds with the shift mode); "+head" / "+layer" evict per KV head (of
+each layer), e.g. tri+head; ":TYPE" sets that policy's K/V cache type, e.g. tri:q8_0 (default:
+-ctk/-ctv).
 
 examples:
   pytriatt bench qwen2.5-0.5b --budget 512 --positions 512,8192
@@ -169,6 +170,7 @@ class PolicySpec:
     shift: bool
     type_k: str
     type_v: str
+    per_head: Optional[str] = None   # "head" or "layer": per-head eviction (+head, +layer)
 
 
 def parse_policies(text: str, type_k: str, type_v: str) -> list:
@@ -179,16 +181,19 @@ def parse_policies(text: str, type_k: str, type_v: str) -> list:
         policy, _, mod = base.partition("+")
         if policy not in ("full",) + EVICTING:
             raise CliError(f"--policies: unknown policy {policy!r} (known: full, {', '.join(EVICTING)})")
-        if mod not in ("", "shift"):
-            raise CliError(f"--policies: unknown modifier +{mod} in {item!r} (known: +shift)")
+        if mod not in ("", "shift", "head", "layer"):
+            raise CliError(f"--policies: unknown modifier +{mod} in {item!r} (known: +shift, +head, +layer)")
         if mod and policy == "full":
-            raise CliError("--policies: full attention evicts nothing, so +shift does not apply to it")
+            raise CliError(f"--policies: full attention evicts nothing, so +{mod} does not apply to it")
+        if mod in ("head", "layer") and policy not in ("tri", "snapkv"):
+            raise CliError(f"--policies: {item}: per-head eviction (+{mod}) is for tri and snapkv")
         if ctype and ctype not in TYPE_BYTES:
             raise CliError(f"--policies: unknown cache type {ctype!r} in {item!r} (known: {', '.join(TYPE_BYTES)})")
         if item in seen:
             raise CliError(f"--policies: {item} is listed twice")
         seen.add(item)
-        out.append(PolicySpec(item, policy, mod == "shift", ctype or type_k, ctype or type_v))
+        out.append(PolicySpec(item, policy, mod == "shift", ctype or type_k, ctype or type_v,
+                              mod if mod in ("head", "layer") else None))
     if not out:
         raise CliError("--policies is empty; e.g. --policies full,tri")
     return out
@@ -277,6 +282,8 @@ class _Run:
                 if "shift" not in inspect.signature(self.ctx.set_kv_policy).parameters:
                     raise ValueError(f"{spec.name}: this build has no shift position mode yet")
                 kw["shift"] = True
+            if spec.per_head:
+                kw["per_head"] = spec.per_head
             self.ctx.set_kv_policy(spec.policy, **kw)
         self.n_past = 0              # tokens decoded (the logical position; with +shift positions compact)
         self.next_tok = None
@@ -632,7 +639,7 @@ def ratios(rows: list, policies: list, budget: int) -> list:
     if full is None:
         return []
     f = {r["position"]: r for r in rows if r["policy"] == full.name}
-    gaps = {(p.policy, p.type_k, p.type_v): p.name for p in policies if not p.shift}
+    gaps = {(p.policy, p.type_k, p.type_v): p.name for p in policies if not p.shift and not p.per_head}
     out = []
     for r in rows:
         if r["policy"] == full.name:

@@ -214,29 +214,26 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
                                f"{inspect.calibrate_command(args.calib or model_arg)} "
                                f"(or pass {now}--calib FILE, or use --policy streaming)")
         kw["kv_calib"] = str(calib)
-        note = sliding_window_note(path, args.budget, args.window)
-        if note:
-            print(note, file=sys.stderr)
+    note = sliding_window_note(path, args.budget)
+    if note:
+        print(note, file=sys.stderr)
     return kw
 
 
-def sliding_window_note(path: Path, budget: int, window: int) -> Optional[str]:
-    """A hint for tri on a model with sliding-window layers (Gemma 3) run with a small recent window.
-
-    The cells are shared by all layers; tri ranks tokens for the global layers, and the tokens it
-    drops for them are gone for the sliding-window layers too, which need the most recent ones
-    (docs/QUALITY.md: gemma3-270m nll at budget 128, window 1 vs 64)."""
+def sliding_window_note(path: Path, budget: int) -> Optional[str]:
+    """What a budget means on a model with sliding-window layers (Gemma 2/3, gpt-oss, Cohere2): the
+    policy evicts from the global layers' cache only; the local layers keep their own window in a
+    cache of their own, as llama.cpp keeps it without a policy (docs/eviction.md)."""
     from .core import _arch, _reader, _scalar
     try:
         r = _reader(path)
         n_swa = int(_scalar(r, f"{_arch(r)}.attention.sliding_window", 0) or 0)
     except Exception:   # the loader reports unreadable files itself
         return None
-    if n_swa <= 0 or window >= budget // 4:
+    if n_swa <= 0:
         return None
-    return (f"note: this model has sliding-window layers (window {n_swa}) that share the cache with the layers "
-            f"tri scores; keep recent tokens for them with --window {budget // 2} (about half the budget; "
-            f"see docs/QUALITY.md)")
+    return (f"note: this model's sliding-window layers keep their own {n_swa}-token window (a cache of their "
+            f"own, never evicted); --budget {budget} applies to its global-attention layers")
 
 
 KV_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl")
@@ -352,6 +349,7 @@ def cmd_run(args) -> int:
               "n_generated": n_gen, "seconds": round(dt, 3), "tokens_per_s": round(n_gen / dt, 2) if dt else None,
               "kv_cells_used": st["n_cells_used"], "kv_cells": llm.kv_cells, "n_ctx": llm.n_ctx(),
               "policy": llm.kv_policy, "kv_bytes": st.get("kv_bytes"),
+              "kv_cells_swa": st.get("n_cells_swa", 0), "kv_cells_used_swa": st.get("n_cells_used_swa", 0),
               "kv_bytes_full_attention": round(full_bytes) if full_bytes else None}
     if kv:
         result.update(budget=args.budget, interval=args.interval, sink=args.sink, window=args.window,
@@ -363,7 +361,9 @@ def cmd_run(args) -> int:
         return 0
     sys.stdout.write("\n")
     lines = [f"{n_gen} tokens in {dt:.1f} s ({result['tokens_per_s']} tok/s); sequence {n_seq} tokens "
-             f"(prompt {n_prompt}); KV cache holds {st['n_cells_used']} of {llm.kv_cells} cells"]
+             f"(prompt {n_prompt}); KV cache holds {st['n_cells_used']} of {llm.kv_cells} cells"
+             + (f" (global layers), the sliding-window cache {result['kv_cells_used_swa']} of "
+                f"{result['kv_cells_swa']}" if result["kv_cells_swa"] else "")]
     if result["kv_bytes"]:
         mem = f"KV memory allocated {_mib(result['kv_bytes'])}"
         if full_bytes:

@@ -107,10 +107,15 @@ class Context:
     def __init__(self, model: Model, n_ctx: int = 512, n_batch: int = 512, n_seq_max: int = 1,
                  n_threads: Optional[int] = None, cb_eval=None, cb_eval_user_data=None,
                  kv_unified: bool = True, type_k: Optional[str] = None, type_v: Optional[str] = None,
-                 flash_attn: Optional[bool] = None):
-        """flash_attn: None lets llama.cpp choose (auto); False also stores V transposed."""
+                 flash_attn: Optional[bool] = None, n_ctx_swa: Optional[int] = None):
+        """flash_attn: None lets llama.cpp choose (auto); False also stores V transposed.
+        n_ctx_swa: cells of a sliding-window model's local cache (default: llama.cpp's, from n_ctx); with a
+        KV policy n_ctx is the budget, so pass the window + n_batch (eval_common.open_context does)."""
         lc = model._lc
         params = lc.llama_context_default_params()
+        if n_ctx_swa is not None:
+            params.swa_full = False
+            params.n_ctx_swa = n_ctx_swa
         if flash_attn is not None:
             params.flash_attn_type = 1 if flash_attn else 0
         params.n_ctx = n_ctx

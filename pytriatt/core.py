@@ -95,10 +95,10 @@ ROPE_PAIRING: Dict[str, str] = {
 
 # Architectures whose RoPE reading RopeSpec.from_gguf reproduces exactly (checked
 # against llama.cpp's graph in tests/test_core_rope_exact.py for llama, qwen2, qwen3
-# and gemma3; qwen2moe/qwen3moe build RoPE exactly like qwen2/qwen3). Other
+# gemma3 and gpt-oss; qwen2moe/qwen3moe build RoPE exactly like qwen2/qwen3). Other
 # architectures may have per-layer RoPE rules of their own (NoPE layers, MLA, their
 # own YaRN keys...): from_gguf refuses them unless strict=False.
-VERIFIED_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma3")
+VERIFIED_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma3", "gpt-oss")
 
 # architectures whose graph passes the rope_freqs / longrope factor tensors to ggml_rope_ext
 _FREQ_FACTOR_ARCHS = ("llama",)
@@ -562,7 +562,9 @@ def _rope_from_reader(
     is_swa = [False] * n_layer
     freq_base_swa = 10000.0
     freq_scale_swa = 1.0
-    if arch == "gemma3":
+    if arch in ("gemma3", "gpt-oss"):
+        # gemma3: 5 local layers for a global one, local base 10000; gpt-oss (llama_model_openai_moe):
+        # alternate (pattern 2), the local layers' base and scale those of the global ones unless given
         n_swa = ikey("attention.sliding_window", 0)
         if n_swa > 0:
             f = _field(r, f"{arch}.attention.sliding_window_pattern")
@@ -574,9 +576,11 @@ def _rope_from_reader(
                     raise CalibrationError(f"{arch}.attention.sliding_window_pattern: {len(pat)} values for {n_layer} layers")
                 is_swa = [bool(v) for v in pat[:n_layer]]
             else:
-                n_pattern = ikey("attention.sliding_window_pattern", 6)
+                n_pattern = ikey("attention.sliding_window_pattern", 6 if arch == "gemma3" else 2)
                 is_swa = [n_pattern == 0 or (il % n_pattern < n_pattern - 1) for il in range(n_layer)]
-            freq_base_swa = _f32(key("rope.freq_base_swa", 10000.0))
+            freq_base_swa = _f32(key("rope.freq_base_swa", 10000.0 if arch == "gemma3" else freq_base_train))
+            if arch == "gpt-oss":
+                freq_scale_swa = freq_scale_train
 
     # --- llama_context: context parameters over hyperparameters ---
     ext = _f32(yarn_ext_factor) if yarn_ext_factor >= 0 else yarn_ext_h

@@ -233,7 +233,10 @@ def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, in
         if budget < 1:
             raise EvalError("budgets must be positive")
         n_cells = min(n_tokens + 1, budget + max(interval, n_batch))
-    ctx = Context(model, n_ctx=max(n_cells, 16), n_batch=n_batch)
+    # a sliding-window model's local layers keep their window in their own cache, sized as without a policy
+    n_swa = model._lc.llama_model_n_swa(model.ptr)
+    n_ctx_swa = n_swa + n_batch if n_swa > 0 and policy != "full" and budget is not None else None
+    ctx = Context(model, n_ctx=max(n_cells, 16), n_batch=n_batch, n_ctx_swa=n_ctx_swa)
     try:
         attach_policy(ctx, policy, budget or 0, interval=interval, **policy_kw)
     except Exception:

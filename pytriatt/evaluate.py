@@ -33,7 +33,8 @@ Measure how much of a model's quality a KV-cache policy keeps at each budget (to
            from past what calibration reads), decoded in chunks of --interval with the
            policy evicting inside llama_decode. Metrics: nll, ppl_ratio (perplexity /
            full attention's, paired by chunk), ppl_vs_streaming (/ streaming's at the
-           same budget, paired: below 1 = better than sink + recent), nll@A-B by position.
+           same budget, paired: below 1 = better than sink + recent), ppl_vs_shared (a
+           per-head policy / the same policy with one token set), nll@A-B by position.
   passkey  a random key hidden at --depths of a --tokens long filler prompt, then the
            question; exact match per depth over --samples keys (Wilson 95% intervals).
   agree    greedy generation of --gen tokens after --samples prompts of --tokens tokens:
@@ -50,12 +51,14 @@ Measure how much of a model's quality a KV-cache policy keeps at each budget (to
            token set in hindsight) and, with --ablations, tri without its trig term
            (tri-notrig), without its norm term (tri-nonorm), mean over KV heads
            (tri-kvmean) and max over offsets (tri-offmax). tri-perhead and oracle-perhead
-           (diagnostics, --policies) let every KV head of every layer keep its own tokens,
-           as llama.cpp's shared cells cannot: their gap to tri/oracle is what sharing costs.
+           (diagnostics, --policies) let every KV head of every layer keep its own tokens:
+           their gap to tri/oracle is what sharing costs.
 
 Policies: full, tri (TriAttention; the model needs statistics: --calib FILE, or it is
 calibrated once on the fly and cached in $PYTRIATT_CACHE/eval), streaming (sink + most
-recent), random, snapkv (needs a build with the SnapKV policy). --shift adds tri and
+recent), random, snapkv (needs a build with the SnapKV policy). Per-head eviction inside
+llama_decode: tri@head (every KV head keeps its own tokens, shared by the layers: the paper's
+mode), tri@layer (every KV head of every layer), snapkv@head, snapkv@layer. --shift adds tri and
 streaming with positions compacted after each round (needs a build with it).
 
 examples:
@@ -197,7 +200,8 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
 def _paired_to_streaming(per_token: Dict[tuple, np.ndarray], name: str, interval: int) -> List[dict]:
     """ppl_vs_streaming rows: each evicting policy against streaming at the same budget and
     position mode, paired chunk by chunk; below 1 means it predicts the text better than
-    keeping the sink and the most recent tokens does."""
+    keeping the sink and the most recent tokens does. ppl_vs_shared rows: a per-head policy
+    (tri@head, tri@layer, snapkv@...) against the same policy with one shared token set."""
     from .eval_tasks import paired_ratio_row
     rows = []
     for (policy, budget, sh), nll in per_token.items():
@@ -206,6 +210,13 @@ def _paired_to_streaming(per_token: Dict[tuple, np.ndarray], name: str, interval
             continue
         rows.append(paired_ratio_row(name, policy, "shift" if sh else "gaps", budget, nll, base,
                                      "ppl_vs_streaming", interval=interval))
+    # per-head variants (tri@head, ...) against the same policy with one shared token set
+    for (policy, budget, sh), nll in per_token.items():
+        shared, _, gran = policy.partition("@")
+        base = per_token.get((shared, budget, sh))
+        if gran and base is not None:
+            rows.append(paired_ratio_row(name, policy, "shift" if sh else "gaps", budget, nll, base,
+                                         "ppl_vs_shared", interval=interval))
     return rows
 
 

@@ -10,7 +10,10 @@ llama.cpp architectures that pytriatt cares about:
 * ``gemma3`` - Q/K norms, post-attention / post-FFN norms, scaled embeddings
   and interleaved sliding-window (local) and global attention layers, so that
   llama.cpp builds its iSWA KV cache (two caches: SWA layers and full layers),
-  with a separate rope base for the local layers.
+  with a separate rope base for the local layers;
+* ``gpt-oss`` - alternating sliding-window and global layers (iSWA cache),
+  attention sinks, YaRN rope scaling, q/k/v/o biases and a small mixture of
+  experts (``n_expert``, ``n_expert_used``, ``yarn_factor`` options).
 
 The weights are random but deterministic for a given ``seed``: logits are
 finite and depend on the input, which is all that KV-cache plumbing tests
@@ -42,7 +45,7 @@ import numpy as np
 
 __all__ = ["ARCHS", "write_tiny_gguf", "write_tiny_mamba_gguf", "tiny_vocab"]
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
+ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt-oss")
 
 _DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -215,9 +218,13 @@ def write_tiny_gguf(
     init_scale = float(extra.pop("init_scale", 1.0))
     tie = bool(extra.pop("tie_embeddings", False))
     name = str(extra.pop("name", f"tiny-{arch}"))
-    swa = int(extra.pop("sliding_window", 64)) if arch == "gemma3" else 0
-    swa_pattern: Union[int, Sequence[bool]] = extra.pop("sliding_window_pattern", 2) if arch == "gemma3" else 2
+    has_swa = arch in ("gemma3", "gpt-oss")
+    swa = int(extra.pop("sliding_window", 64)) if has_swa else 0
+    swa_pattern: Union[int, Sequence[bool]] = extra.pop("sliding_window_pattern", 2) if has_swa else 2
     rope_base_swa = float(extra.pop("rope_freq_base_swa", 10000.0)) if arch == "gemma3" else None
+    n_expert = int(extra.pop("n_expert", 4)) if arch == "gpt-oss" else 0
+    n_expert_used = int(extra.pop("n_expert_used", 2)) if arch == "gpt-oss" else 0
+    yarn_factor = float(extra.pop("yarn_factor", 4.0)) if arch == "gpt-oss" else 0.0
     softcap = extra.pop("final_logit_softcapping", None) if arch == "gemma3" else None
     if extra:
         raise TypeError(f"unexpected keyword argument(s) for arch {arch!r}: {', '.join(sorted(extra))}")
@@ -268,6 +275,17 @@ def write_tiny_gguf(
             w.add_rope_freq_base_swa(rope_base_swa)
         if softcap is not None:
             w.add_final_logit_softcapping(float(softcap))
+    if arch == "gpt-oss":
+        # alternating 64-token windows (layer 0 local), attention sinks, YaRN, a mixture of experts
+        w.add_sliding_window(swa)
+        if not isinstance(swa_pattern, int) or swa_pattern != 2:
+            w.add_sliding_window_pattern(swa_pattern)
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        w.add_expert_feed_forward_length(n_ff)
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(yarn_factor)
+        w.add_rope_scaling_orig_ctx_len(n_ctx_train // int(yarn_factor))
 
     _add_vocab(w, tokens, scores, types)
 
@@ -297,7 +315,7 @@ def write_tiny_gguf(
         mat(f"{b}.attn_q.weight", q_dim, n_embd)
         mat(f"{b}.attn_k.weight", kv_dim, n_embd)
         mat(f"{b}.attn_v.weight", kv_dim, n_embd)
-        if arch == "qwen2":
+        if arch in ("qwen2", "gpt-oss"):
             vec(f"{b}.attn_q.bias", q_dim, 0.0, 0.5)
             vec(f"{b}.attn_k.bias", kv_dim, 0.0, 0.5)
             vec(f"{b}.attn_v.bias", kv_dim, 0.0, 0.1)
@@ -305,6 +323,18 @@ def write_tiny_gguf(
             vec(f"{b}.attn_q_norm.weight", head_dim, 1.0, 0.1)
             vec(f"{b}.attn_k_norm.weight", head_dim, 1.0, 0.1)
         mat(f"{b}.attn_output.weight", n_embd, q_dim)
+        if arch == "gpt-oss":
+            vec(f"{b}.attn_output.bias", n_embd, 0.0, 0.1)
+            vec(f"{b}.attn_sinks.weight", n_head, 0.0, 1.0)
+            vec(f"{b}.post_attention_norm.weight", n_embd, 1.0, 0.1)
+            mat(f"{b}.ffn_gate_inp.weight", n_expert, n_embd)
+            vec(f"{b}.ffn_gate_inp.bias", n_expert, 0.0, 0.1)
+            for part, (n_out, n_in) in (("gate", (n_ff, n_embd)), ("up", (n_ff, n_embd)), ("down", (n_embd, n_ff))):
+                a = rng.standard_normal((n_expert, n_out, n_in), dtype=np.float32) * np.float32(init_scale / np.sqrt(n_in))
+                w.add_tensor(f"{b}.ffn_{part}_exps.weight", a)
+                w.add_tensor(f"{b}.ffn_{part}_exps.bias",
+                             (rng.standard_normal((n_expert, n_out), dtype=np.float32) * np.float32(0.1)))
+            continue
         if arch == "gemma3":
             vec(f"{b}.post_attention_norm.weight", n_embd, 1.0, 0.1)
         vec(f"{b}.ffn_norm.weight", n_embd, 1.0, 0.1)

@@ -114,11 +114,10 @@ def test_the_readme_commands_are_the_ones_ci_runs():
     assert main_cmd.startswith("tools/setup.sh") and "pytriatt run" in main_cmd
 
 
-def test_tri_on_a_sliding_window_model_suggests_a_recent_window(tiny_gguf):
-    """Gemma 3's local layers share the cells tri ranks for its global layers (docs/QUALITY.md)"""
+def test_a_budget_on_a_sliding_window_model_says_the_local_layers_keep_their_window(tiny_gguf):
+    """Gemma 3's local layers keep their own window; the budget applies to the global layers"""
     from pytriatt.cli import sliding_window_note
     gemma = tiny_gguf("gemma3")
-    note = sliding_window_note(gemma, 128, 1)
-    assert note and "sliding-window layers" in note and "--window 64" in note
-    assert sliding_window_note(gemma, 128, 64) is None        # a window already kept
-    assert sliding_window_note(tiny_gguf("llama"), 128, 1) is None
+    note = sliding_window_note(gemma, 32)
+    assert note and "keep their own 64-token window" in note and "--budget 32 applies to its global" in note
+    assert sliding_window_note(tiny_gguf("llama"), 128) is None

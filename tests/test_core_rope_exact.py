@@ -239,6 +239,14 @@ def test_tiny_qwen3_yarn_from_metadata(tmp_path):
     check_exact(spec, capture_k_rope(path, CHUNKS), 2)
 
 
+def test_tiny_gpt_oss_alternating_windows_with_yarn(tmp_path):
+    # layer 0 local, layer 1 global (pattern 2); YaRN factor 4 on both, as llama_model_openai_moe builds them
+    path = tiny(tmp_path, "gpt-oss", n_layer=2, rope_freq_base=150000.0, yarn_factor=4.0)
+    spec = RopeSpec.from_gguf(path)
+    assert spec.layer(0).ext_factor == 1.0 and spec.mscale(0) > 1.1 and spec.scaling_type == "yarn"
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
 def test_tiny_llama_rope_freqs_and_linear_scaling(tmp_path):
     base = tiny(tmp_path, "llama", n_layer=2, rope_freq_base=500000.0)
     ff = np.linspace(1.0, 8.0, 8).astype(np.float32)   # head_dim 16 -> 8 bands

@@ -194,6 +194,10 @@ def test_per_head_policies_are_rows_of_their_own_paired_with_streaming(tiny, tin
     assert sorted(vs) == ["tri", "tri@head", "tri@layer"]
     ratio = {r["policy"]: r["value"] for r in rows if r["metric"] == "ppl_ratio" and r["budget"] == 48}
     assert len({ratio["tri"], ratio["tri@head"], ratio["tri@layer"]}) == 3   # three different caches
+    vs_shared = {r["policy"]: r["value"] for r in rows if r["metric"] == "ppl_vs_shared"}
+    assert sorted(vs_shared) == ["tri@head", "tri@layer"]
+    for p in vs_shared:
+        assert vs_shared[p] == pytest.approx(ratio[p] / ratio["tri"], rel=1e-9)
     with pytest.raises(EvalError, match="per-head eviction is"):
         evaluate.evaluate(tiny, "nll", ["streaming@head"], [64], progress=False, tokens=100)
 

@@ -17,13 +17,12 @@ kept K/V rows into them. Specified here:
 from __future__ import annotations
 
 import ctypes
-import re
 
 import numpy as np
 import pytest
 
 from pytriatt.context import Context, Model
-from pytriatt.eval_recall import GgmlTensor, ggml_lib, read_tensor
+from _attention import Capture, hadamard, reference_attention  # noqa: E402
 
 BUDGET, INTERVAL, SINK, WINDOW = 32, 16, 2, 4
 
@@ -54,68 +53,6 @@ def _tokens(n, seed):
     return np.random.default_rng(seed).integers(3, 1500, size=n).tolist()
 
 
-class _Capture:
-    """An eval callback keeping, per layer, the post-RoPE K and the V of every decoded position, and the
-    last decoded token's post-RoPE queries and attention output (kqv_out)."""
-
-    def __init__(self):
-        from pytriatt import _llama
-
-        lc = _llama.require_patched()
-        self.lib = ggml_lib()
-        self.K, self.V, self.q, self.out = {}, {}, {}, {}
-        self._v_pending = {}
-
-        @lc.ggml_backend_sched_eval_callback
-        def cb(ptr, ask, user_data):
-            t = GgmlTensor.from_address(ptr)
-            name = t.name.decode()
-            m = re.fullmatch(r"(Kcur|Qcur|Vcur|kqv_out)-(\d+)", name)
-            op = self.lib.ggml_op_desc(ptr)
-            want = bool(m) and (op == b"ROPE" or name.startswith(("Vcur-", "kqv_out-")))
-            if ask or not want:
-                return want if ask else True
-            il = int(m.group(2))
-            x = read_tensor(self.lib, ptr)
-            if name.startswith("Kcur-"):
-                pos = read_tensor(self.lib, t.src[1]).ravel()
-                for p, k in zip(pos.tolist(), x[0]):
-                    self.K.setdefault(il, {})[int(p)] = k.astype(np.float32)
-            elif name.startswith("Qcur-"):
-                self.q[il] = x[0][-1].astype(np.float32)                  # [n_head, head_dim]
-            elif name.startswith("Vcur-"):
-                self._v_pending[il] = x                                   # rows of n_embd_v_gqa values
-            else:
-                self.out[il] = x.reshape(-1, x.shape[-1])[-1].astype(np.float32)
-            return True
-
-        self.cb = cb
-
-    def decoded(self, p0, n):
-        """Assign the V rows captured by the last decode to positions p0..p0+n-1."""
-        for il, v in self._v_pending.items():
-            v = v.reshape(n, -1)
-            for i in range(n):
-                self.V.setdefault(il, {})[p0 + i] = v[i].astype(np.float32)
-        self._v_pending = {}
-
-
-def _reference_attention(cap, il, kept_by_head, n_head, n_head_kv, head_dim):
-    """NumPy attention of the last token's queries over, per KV head, the tokens it keeps."""
-    q = cap.q[il]
-    out = np.zeros((n_head, head_dim), np.float64)
-    n_gqa = n_head // n_head_kv
-    for h in range(n_head):
-        g = h // n_gqa
-        pos = kept_by_head[g]
-        K = np.stack([cap.K[il][p][g] for p in pos]).astype(np.float64)
-        V = np.stack([cap.V[il][p].reshape(n_head_kv, head_dim)[g] for p in pos]).astype(np.float64)
-        s = K @ q[h].astype(np.float64) / np.sqrt(head_dim)
-        w = np.exp(s - s.max())
-        out[h] = (w / w.sum()) @ V
-    return out.ravel()
-
-
 def _run_per_head(path, granularity, *, type_kv="f32", flash_attn=True, steps=None, n_layer=2):
     """Decode random tokens through per-head rounds while a Python reference keeps, per group of
     heads, the tokens pytriatt.select_heads' rule picks from the captured keys. Returns the context
@@ -125,7 +62,7 @@ def _run_per_head(path, granularity, *, type_kv="f32", flash_attn=True, steps=No
     cal = Calibration.from_gguf(path)
     n_head, n_head_kv = cal.n_head, cal.n_head_kv
     n_gqa = n_head // n_head_kv
-    cap = _Capture()
+    cap = Capture()
     m = Model(path)
     ctx = Context(m, n_ctx=BUDGET + 64, n_batch=64, n_threads=1, cb_eval=cap.cb, type_k=type_kv, type_v=type_kv,
                   flash_attn=flash_attn)
@@ -204,14 +141,6 @@ def test_select_heads_is_the_papers_per_kv_head_rule(calibrated):
     assert by_layer.shape == (cal.n_layer, cal.n_head_kv, BUDGET)
 
 
-def _hadamard(n):
-    """The orthonormal Sylvester-order Walsh-Hadamard matrix llama.cpp rotates quantized caches with."""
-    h = np.ones((1, 1))
-    while h.shape[0] < n:
-        h = np.block([[h, h], [h, -h]])
-    return h / np.sqrt(n)
-
-
 # llama.cpp's CPU flash attention rounds Q and the softmax weights to f16, hence the looser tolerances
 @pytest.mark.parametrize("granularity,type_kv,flash_attn,staged,tol", [
     ("head", "f32", False, False, 1e-4),   # V transposed
@@ -237,17 +166,17 @@ def test_attention_reads_exactly_each_heads_kept_tokens(calibrated, monkeypatch,
         for il in range(cal.n_layer):
             kept = [ctx.head_positions(0, il, g).tolist() for g in range(cal.n_head_kv)]
             got = cap.out[il]
-            want = _reference_attention(cap, il, kept, cal.n_head, cal.n_head_kv, hd)
+            want = reference_attention(cap, il, kept, cal.n_head, cal.n_head_kv, hd)
             if type_kv == "q8_0":
                 # kqv_out is taken before llama.cpp rotates the output back out of V's Hadamard basis
-                want = (want.reshape(-1, 64) @ _hadamard(64).T).ravel()
+                want = (want.reshape(-1, 64) @ hadamard(64).T).ravel()
             err = np.abs(got - want).max() / np.abs(want).max()
             assert err <= tol, (il, err)
             # the check can fail: attending to the cells' own tokens (shared eviction's view) is far off
             cells = [ctx.positions(0).tolist()] * cal.n_head_kv
-            wrong = _reference_attention(cap, il, cells, cal.n_head, cal.n_head_kv, hd)
+            wrong = reference_attention(cap, il, cells, cal.n_head, cal.n_head_kv, hd)
             if type_kv == "q8_0":
-                wrong = (wrong.reshape(-1, 64) @ _hadamard(64).T).ravel()
+                wrong = (wrong.reshape(-1, 64) @ hadamard(64).T).ravel()
             wrong_err = np.abs(got - wrong).max() / np.abs(want).max()
             assert wrong_err > 3 * err
 

@@ -346,6 +346,25 @@ def test_cli_run_per_head(tiny_cal):
     assert r.returncode == 2 and "only tri and snapkv" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.real
+def test_gemma3_keeps_its_window_in_a_cache_of_its_own_size(tmp_path):
+    """gemma3-270m (15 local layers with a 512-token window, 3 global; 1 KV head of 256 dims, f16): with
+    budget 128 the global cache holds 128 + 128 cells (256 after llama.cpp's padding), the local one
+    window + batch = 640 (768), as llama.cpp sizes it without a policy and without swa_full."""
+    from pytriatt import models
+    llm = llama_cpp.Llama(str(models.get("gemma3-270m")), n_ctx=4096, n_batch=128, kv_policy="streaming",
+                          kv_budget=128, kv_interval=128, verbose=False)
+    used = []
+    out = generate(llm, llm.tokenize(b"Once upon a time"), 4 * 128, used)
+    assert len(out) == 4 * 128 and max(used) <= 256
+    st = llm.kv_stats()
+    assert st["n_cells"] == llm.kv_cells == 256 and st["n_cells_swa"] == 768
+    assert 512 <= st["n_cells_used_swa"] <= 768                 # the whole window, never evicted
+    per_cell = 2 * 256 * 2                                      # K and V, 256 f16 values each, per layer
+    assert st["kv_bytes"] == 3 * per_cell * 256 + 15 * per_cell * 768
+    assert st["n_rounds"] >= 3
+
+
 def test_the_memory_summary_is_what_llama_cpp_allocated(tiny, tiny_cal):
     """kv_bytes is the size of llama.cpp's KV buffers: f16 K and V rows of every layer for every cell
     (tiny llama: 2 layers x (2 KV heads x 16 dims) x 2 bytes x (K + V) = 256 bytes a cell), and the
