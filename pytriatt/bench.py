@@ -800,10 +800,11 @@ def cmd_bench(args) -> int:
 
 
 def add_parser(sub) -> None:
+    from .cliargs import add_model_argument
     import argparse
     p = sub.add_parser("bench", help="decode speed, scoring cost and KV memory of eviction policies vs full attention",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="GGUF path or model name (see: pytriatt models list)")
+    add_model_argument(p)
     p.add_argument("--budget", type=int, default=2048, help="KV tokens an evicting policy keeps (default 2048)")
     p.add_argument("--positions", default="2048,8192,32768",
                    help="comma-separated positions to measure decode speed at (default 2048,8192,32768)")

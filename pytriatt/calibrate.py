@@ -218,11 +218,12 @@ examples:
 
 
 def add_parser(sub) -> None:
+    from .cliargs import add_model_argument
     import argparse
 
     p = sub.add_parser("calibrate", help="measure the query statistics of a model and embed them in a GGUF copy",
                        description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="GGUF path or model name (see: pytriatt models list)")
+    add_model_argument(p)
     p.add_argument("-o", "--output", required=True, help="the GGUF to write (never the input)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="calibration text files (default: Python's "
                    "documentation, pydoc_data.topics)")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import __version__, _llama
+from .cliargs import add_model_argument, resolve_model_argument
 
 
 class CliError(Exception):
@@ -162,18 +163,19 @@ def cmd_models(args) -> int:
 
 # -- run ------------------------------------------------------------------------
 
-def _calibrated_copy(path: Path, n_gpu_layers: int) -> Path:
+def _calibrated_copy(path: Path, n_gpu_layers: int, tokens: int = 16384) -> Path:
     """--calibrate: the model with its statistics added, made once into the cache directory."""
     from . import gguf_io
     from .calibrate import calibrate
     from .models import cache_dir
     from .core import _reader, model_fingerprint
-    key = model_fingerprint(_reader(path))[:16]
-    dst = cache_dir() / "calibrated" / f"{path.stem}-{key}.tri.gguf"
+    key = "".join(c if c.isalnum() else "-" for c in model_fingerprint(_reader(path)))[:24]
+    dst = cache_dir() / "calibrated" / f"{path.stem}-{key}-{tokens}.tri.gguf"
     if dst.is_file() and gguf_io.has_prefix(dst, "triattention."):
         return dst
-    print(f"pytriatt: calibrating {path.name} (once; saved as {dst})", file=sys.stderr)
-    cal, _ = calibrate(path, max_tokens=16384, n_ctx=2048, n_gpu_layers=n_gpu_layers, progress=True)
+    print(f"pytriatt: calibrating {path.name} on {tokens} tokens (once; saved as {dst}; --calib-tokens "
+          f"sets how many)", file=sys.stderr)
+    cal, _ = calibrate(path, max_tokens=tokens, n_ctx=2048, n_gpu_layers=n_gpu_layers, progress=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     gguf_io.write_with_metadata(path, dst, cal.gguf_fields())
     return dst
@@ -183,11 +185,18 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
     """Llama keyword arguments of the KV eviction options (empty: full attention, stock behaviour)."""
     policy = args.policy or ("tri" if args.budget is not None else "full")
     if policy == "full":
+        if args.budget is not None:
+            raise CliError(f"--policy full keeps every token, so --budget {args.budget} would mean nothing: "
+                           "drop --budget, or pick an evicting policy (tri, streaming, random, snapkv)")
         return {}
     if args.budget is None:
         raise CliError(f"--policy {policy} needs --budget N (the KV tokens to keep)")
     if args.budget < 1 or args.interval < 1 or args.sink < 0 or args.window < 0:
         raise CliError("--budget and --interval must be >= 1, --sink and --window >= 0")
+    ctx_size = getattr(args, "ctx_size", None)
+    if ctx_size and args.budget >= ctx_size:
+        raise CliError(f"--budget {args.budget} is not below -c {ctx_size} (the longest sequence): nothing would "
+                       f"ever be evicted; lower --budget or raise -c (default: the model's trained context)")
     kw = dict(kv_policy=policy, kv_budget=args.budget, kv_interval=args.interval, kv_sink=args.sink,
               kv_window=args.window, kv_protect_prompt=args.protect_prompt, kv_shift=args.shift)
     per_head = getattr(args, "per_head", None)
@@ -207,7 +216,7 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
             check_gguf(calib)
         if not gguf_io.has_prefix(calib, "triattention."):
             if getattr(args, "calibrate", False):
-                calib = _calibrated_copy(path, args.n_gpu_layers)
+                calib = _calibrated_copy(path, args.n_gpu_layers, getattr(args, "calib_tokens", 16384))
             else:
                 now = "--calibrate to do it now, " if hasattr(args, "calibrate") else ""
                 raise CliError(f"{calib} carries no TriAttention calibration; add it with: "
@@ -287,6 +296,20 @@ def cmd_run(args) -> int:
     for flag, name in (("type_k", args.cache_type_k), ("type_v", args.cache_type_v)):
         if name:
             extra[flag] = _ggml_type(lc, name)
+    # -fa auto (llama.cpp's default): on where it is needed, for a quantized V cache
+    quantized_v = (args.cache_type_v or "f16") not in ("f32", "f16", "bf16")
+    flash = {"on": True, "off": False}.get(args.flash_attn, quantized_v)
+    if quantized_v and not flash:
+        raise CliError(f"-ctv {args.cache_type_v}: a quantized V cache needs flash attention in llama.cpp; "
+                       f"use -fa on (or auto), or -ctv f16")
+    extra["flash_attn"] = flash
+    if args.threads is not None:
+        if args.threads < 1:
+            raise CliError("-t/--threads must be >= 1")
+        extra["n_threads"] = extra["n_threads_batch"] = args.threads
+    if args.n_gpu_layers and not lc.llama_supports_gpu_offload():
+        print(f"pytriatt: note: this llama-cpp-python was built without GPU support, so -ngl {args.n_gpu_layers} "
+              f"is ignored (rebuild with CMAKE_ARGS=\"-DGGML_CUDA=ON\" tools/setup.sh)", file=sys.stderr)
     try:
         # with a budget, batches of one interval keep the cache at budget + interval cells
         if kv:
@@ -296,10 +319,21 @@ def cmd_run(args) -> int:
     except ValueError as e:
         if str(e).startswith("kv_policy"):
             raise CliError(str(e)) from None
-        raise CliError(f"llama.cpp could not load {path} ({e}): the file is truncated or corrupt, its "
-                       f"architecture is not supported, or the KV cache type is not supported here; "
-                       f"PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
-    if args.chat:
+        quantized = [t for t in (args.cache_type_k, args.cache_type_v) if t and t not in ("f32", "f16", "bf16")]
+        if quantized:
+            raise CliError(f"llama.cpp could not create a context with a {quantized[0]} KV cache for {path.name}: "
+                           f"a quantized cache needs the model's head size to be a multiple of the type's block "
+                           f"(32 values for q8_0/q4_*); use -ctk/-ctv f16 (PYTRIATT_VERBOSE=1 shows llama.cpp's "
+                           f"reason)") from None
+        raise CliError(f"llama.cpp could not load {path} ({e}): the file is truncated or corrupt, or its "
+                       f"architecture is not supported here; PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
+    if kv and args.budget >= llm.n_ctx():
+        raise CliError(f"--budget {args.budget} is not below the longest sequence ({llm.n_ctx()} tokens, -c): "
+                       f"nothing would ever be evicted; lower --budget")
+    # like llama-cli: a model with a chat template gets the prompt as a user message, unless --raw
+    has_template = bool(llm.metadata.get("tokenizer.chat_template"))
+    chat = args.chat or (has_template and not args.raw)
+    if chat:
         prompt_tokens = llm.tokenize(_chat_prompt(llm, args.prompt).encode(), special=True)
     else:
         prompt_tokens = llm.tokenize(args.prompt.encode())
@@ -318,12 +352,16 @@ def cmd_run(args) -> int:
     status = _Status(args.json or not sys.stdout.isatty())
     t0 = time.perf_counter()
     text, n_gen, peak = [], 0, 0
-    if not args.json and not args.chat:
+    stop = "interrupted"
+    if not args.json and not chat:
         sys.stdout.write(args.prompt)
     vocab = lc.llama_model_get_vocab(llm.model)
     try:
-        for tok in llm.generate(prompt_tokens, temp=args.temp, top_k=40, top_p=0.95, reset=True):
+        for tok in llm.generate(prompt_tokens, temp=args.temp, top_k=args.top_k, top_p=args.top_p,
+                                repeat_penalty=args.repeat_penalty, reset=True):
+            peak = max(peak, llm.kv_policy_stats()["n_cells_used"])
             if not args.ignore_eos and lc.llama_vocab_is_eog(vocab, tok):
+                stop = "eog"
                 break
             n_gen += 1
             st = llm.kv_policy_stats()
@@ -337,15 +375,21 @@ def cmd_run(args) -> int:
             status.update(f"[{n_gen}/{args.n_predict} tokens, {n_gen / dt:.1f} tok/s, KV {st['n_cells_used']}/"
                           f"{st['n_cells']} cells, {st['n_rounds']} evictions]")
             if n_gen >= args.n_predict:
+                stop = "n_predict"
                 break
     finally:
         status.close()
+        if stop == "interrupted" and not args.json:
+            sys.stdout.write("\n")
     dt = time.perf_counter() - t0
     st = llm.kv_policy_stats()
     n_seq = n_prompt + n_gen
     # what full attention would hold for the same sequence: the same bytes per cell, one cell per token
     full_bytes = st["kv_bytes"] / st["n_cells"] * n_seq if st.get("kv_bytes") else None
+    stop_reason = {"eog": "the model emitted an end-of-generation token",
+                   "n_predict": f"-n {args.n_predict} tokens generated"}[stop]
     result = {"model": str(path), "prompt": args.prompt, "text": "".join(text), "n_prompt": n_prompt,
+              "stop": stop, "chat_template": chat,
               "n_generated": n_gen, "seconds": round(dt, 3), "tokens_per_s": round(n_gen / dt, 2) if dt else None,
               "kv_cells_used": st["n_cells_used"], "kv_cells": llm.kv_cells, "n_ctx": llm.n_ctx(),
               "policy": llm.kv_policy, "kv_bytes": st.get("kv_bytes"),
@@ -356,11 +400,18 @@ def cmd_run(args) -> int:
                       shift=args.shift, kv_cells_peak=peak, evictions=st["n_rounds"], tokens_evicted=st["n_evicted"],
                       score_ms=round(st["t_score_ms"], 3), evict_ms=round(st["t_evict_ms"], 3),
                       per_head=getattr(args, "per_head", None) or False, head_rows_moved=st.get("n_moved", 0))
+    hint = None
+    if n_gen == 0:
+        hint = ("nothing was generated: the model ended its answer at once; "
+                + ("pass --ignore-eos to generate anyway, or a prompt it answers at length"
+                   if chat else "try without --raw (the chat template), or pass --ignore-eos"))
+        print(f"pytriatt: {hint}", file=sys.stderr)
     if args.json:
         _print_json(result)
         return 0
     sys.stdout.write("\n")
-    lines = [f"{n_gen} tokens in {dt:.1f} s ({result['tokens_per_s']} tok/s); sequence {n_seq} tokens "
+    lines = [f"{n_gen} tokens in {dt:.1f} s ({result['tokens_per_s']} tok/s), stopped because {stop_reason}; "
+             f"sequence {n_seq} tokens "
              f"(prompt {n_prompt}); KV cache holds {st['n_cells_used']} of {llm.kv_cells} cells"
              + (f" (global layers), the sliding-window cache {result['kv_cells_used_swa']} of "
                 f"{result['kv_cells_swa']}" if result["kv_cells_swa"] else "")]
@@ -479,11 +530,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "With --budget N the KV cache keeps at most N tokens (+ one interval): the "
                                    "policy (TriAttention by default, which needs a calibrated model) evicts the "
                                    "rest inside llama_decode, so generations longer than the cache work.")
-    p.add_argument("model", nargs="?", help="GGUF path or model name (default: smollm2-135m)")
+    add_model_argument(p, required=False, help="GGUF path or model name (default: smollm2-135m)")
     p.add_argument("-p", "--prompt", default="The three most useful ideas in computer science are",
                    help="prompt text")
     p.add_argument("-f", "--file", help="read the prompt from this file")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap the prompt in the model's chat template (the default when the model has one)")
+    p.add_argument("--raw", "-no-cnv", "--no-conversation", dest="raw", action="store_true",
+                   help="continue the prompt as plain text, without the chat template (llama-cli's -no-cnv)")
     p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="longest sequence in tokens (default 2048; with --budget the model's trained context)")
@@ -503,14 +557,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "the model's trained context for generations longer than it); default: keep their "
                         "positions, as the paper does")
     p.add_argument("--calibrate", action="store_true",
-                   help="tri on an uncalibrated model: calibrate it now (once, into the cache directory)")
+                   help="tri on an uncalibrated model: calibrate it now (once, into the cache directory; "
+                        "16384 tokens take about 2 min for smollm2-135m on 2 CPU cores)")
+    p.add_argument("--calib-tokens", type=int, default=16384,
+                   help="--calibrate: tokens of text to calibrate on (default 16384; fewer is faster, "
+                        "more is steadier)")
     p.add_argument("--calib", help="tri: GGUF with this model's triattention.* statistics "
                                    "(default: the model itself)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
     p.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, help="KV cache type for K (default f16)")
     p.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, help="KV cache type for V (default f16; "
-                   "quantized V needs flash attention in llama.cpp)")
+                   "quantized V needs flash attention, which -fa auto turns on)")
+    p.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto",
+                   help="flash attention (default auto: on for a quantized V cache, else off)")
+    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: half the cores)")
     p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=40, help="top-k sampling (default 40; 0 = off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="top-p sampling (default 0.95; 1.0 = off)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="penalize repeated tokens (default 1.0 = off; 1.1 keeps long greedy generations "
+                        "from looping)")
     p.add_argument("--ignore-eos", action="store_true", help="generate all -n tokens, past end-of-generation tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
@@ -540,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(format version, tokens, source, fingerprint and whether it matches this "
                                    "model, concentration profile) or how to add one. Exit status 0 either way; "
                                    "1 if the calibration is unreadable, 2 if the file is.")
-    p.add_argument("model", help="GGUF path or model name")
+    add_model_argument(p, help="GGUF path or model name")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_info)
 
@@ -549,7 +615,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "of every query head by layer, and for the most and least concentrated heads "
                                    "the predicted attention-versus-distance curve. Needs matplotlib: "
                                    "pip install 'pytriatt[plot]'.")
-    p.add_argument("model", help="calibrated GGUF path or model name")
+    add_model_argument(p, help="calibrated GGUF path or model name")
     p.add_argument("-o", "--output", required=True, help="image to write (.png, .svg, .pdf, ...)")
     p.add_argument("--heads", type=int, default=4, help="heads to draw curves for (default 4: half most, half "
                                                         "least concentrated)")
@@ -570,6 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.print_help()
         return 2
     try:
+        resolve_model_argument(args)
         return args.func(args)
     except Exception as e:
         if args.debug:

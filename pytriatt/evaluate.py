@@ -89,9 +89,10 @@ def _float_list(s: str, what: str) -> List[float]:
 
 
 def add_parser(sub) -> None:
+    from .cliargs import add_model_argument
     p = sub.add_parser("eval", help="measure what a KV policy keeps of the model's quality at each budget",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="GGUF path or model name (see: pytriatt models list)")
+    add_model_argument(p)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--policies", default="full,tri,streaming,random",
                    help="comma-separated: full, tri, streaming, random, snapkv (recall also: oracle, tri-perhead, "

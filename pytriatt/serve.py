@@ -303,6 +303,7 @@ def cmd_serve(args) -> int:
 
 
 def add_parser(sub) -> None:
+    from .cliargs import add_model_argument
     p = sub.add_parser(
         "serve", help="OpenAI-compatible HTTP server with a KV budget (llama_cpp.server)",
         description="Serve a model over HTTP with the OpenAI API (llama-cpp-python's llama_cpp.server: "
@@ -314,7 +315,7 @@ def add_parser(sub) -> None:
                     "Binds to 127.0.0.1 unless --host says otherwise. Needs: " + INSTALL_HINT,
         epilog="example: pytriatt serve smollm2.tri.gguf --budget 2048 --port 8000, then point an OpenAI "
                "client at http://127.0.0.1:8000/v1 (any api_key unless --api-key is set). See docs/SERVING.md.")
-    p.add_argument("model", nargs="?", help="GGUF path or model name (default: smollm2-135m)")
+    add_model_argument(p, required=False, help="GGUF path or model name (default: smollm2-135m)")
     p.add_argument("--budget", type=int, help="KV tokens a sequence keeps: evict down to this many (default "
                                               "policy tri); without it the server keeps every token")
     p.add_argument("--policy", choices=["tri", "streaming", "random", "snapkv", "full"],

@@ -51,10 +51,14 @@ def test_run_generates_on_a_tiny_model(tiny_gguf):
 
 @pytest.mark.real
 def test_run_generates_text_on_smollm2(smollm2_path):
-    r = run_cli("run", "smollm2-135m", "-p", "The capital of France is", "-n", "16", "--json", check_rc=0)
+    # the README's main command: an instruct model, so the prompt goes through its chat template
+    r = run_cli("run", "smollm2-135m", "-p", "Name the capital of France.", "-n", "16", "--json", check_rc=0)
     out = json.loads(r.stdout)
-    assert out["n_generated"] >= 1
+    assert out["n_generated"] >= 1 and out["chat_template"] is True
     assert "Paris" in out["text"]
+    # --raw continues the text instead
+    r = run_cli("run", "smollm2-135m", "--raw", "-p", "The capital of France is", "-n", "16", "--json", check_rc=0)
+    assert "Paris" in json.loads(r.stdout)["text"]
 
 
 def test_bad_model_arguments_are_one_line_errors(tmp_path, tiny_gguf):
