@@ -132,7 +132,8 @@ static bool triatt_read_calib(const char * path, const llama_model & model, tria
     }
     if (rc == 1) {
         err = std::string(path) + " carries no TriAttention statistics (triattention.* metadata); "
-              "add them with: pytriatt calibrate MODEL -o OUT.gguf";
+              "add them with: pytriatt calibrate MODEL -o OUT.gguf, and use OUT.gguf (Python: kv_calib=, "
+              "llama.cpp: --kv-calib); or use the streaming policy, which needs no statistics";
         ok = false;
     } else if (rc == 2) {
         ok = false;

@@ -214,6 +214,10 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
             if not calib.is_file():
                 raise CliError(f"--calib {calib}: no such file")
             check_gguf(calib)
+        if args.calib and not gguf_io.has_prefix(calib, "triattention."):
+            raise CliError(f"--calib {calib} carries no TriAttention statistics: pass a calibrated file, made with "
+                           f"{inspect.calibrate_command(args.model or model_arg)}"
+                           + (", or --calibrate instead of --calib" if hasattr(args, "calibrate") else ""))
         if not gguf_io.has_prefix(calib, "triattention."):
             if getattr(args, "calibrate", False):
                 calib = _calibrated_copy(path, args.n_gpu_layers, getattr(args, "calib_tokens", 16384))

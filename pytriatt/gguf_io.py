@@ -491,7 +491,7 @@ def check_output(src: PathLike, dst: PathLike, force: bool = False) -> None:
         raise ValueError(f"cannot write {dst}: it is a directory; give a file path")
     if os.path.lexists(dst) and not force:
         raise FileExistsError(f"{dst} already exists; choose another output path or overwrite it "
-                              f"with --force (force=True)")
+                              f"(--force on the command line, force=True in Python)")
 
 
 def _o_tmpfile_usable() -> bool:

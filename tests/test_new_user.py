@@ -102,3 +102,26 @@ def test_calibrate_on_the_fly_takes_a_size_and_names_its_file_safely(tiny_gguf, 
     assert "on 600 tokens" in r.stderr
     made = list((tmp_path / "calibrated").glob("*.tri.gguf"))
     assert len(made) == 1 and ":" not in made[0].name and "-600.tri.gguf" in made[0].name
+
+
+def test_errors_for_a_missing_calibration_name_every_way_out(tiny_gguf):
+    with pytest.raises(ValueError) as e:
+        llama_cpp.Llama(str(tiny_gguf("llama")), kv_policy="tri", kv_budget=64, verbose=False)
+    assert "pytriatt calibrate" in str(e.value) and "kv_calib=" in str(e.value) and "streaming" in str(e.value)
+    # --calib FILE without statistics: say that FILE is the problem, not "pass --calib FILE"
+    r = run_cli("run", tiny_gguf("llama"), "--budget", "64", "--calib", tiny_gguf("llama"), "-n", "4", "-p", "hi")
+    assert r.returncode == 2 and "--calib" in r.stderr and "carries no TriAttention statistics" in r.stderr
+    assert "pass --calib FILE" not in r.stderr and "pytriatt calibrate" in r.stderr
+
+
+def test_kv_stats_totals_only_grow_across_turns(tiny_cal):
+    """Per-sequence counters restart when a new prompt shares nothing with the cache; the totals do not."""
+    llm = llama_cpp.Llama(str(tiny_cal), kv_policy="tri", kv_budget=64, kv_interval=32, n_batch=32, verbose=False)
+    seen = []
+    for turn in range(3):
+        llm.create_completion(f"{turn} " + "the water was long " * 12, max_tokens=120, temperature=0.0,
+                              logit_bias={2: -100.0})
+        st = llm.kv_stats()
+        seen.append((st["n_rounds_total"], st["n_evicted_total"], st["n_rounds"], st["n_evicted"]))
+        assert st["n_evicted_total"] >= st["n_evicted"] and st["n_rounds_total"] >= st["n_rounds"]
+    assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(seen, seen[1:]))
