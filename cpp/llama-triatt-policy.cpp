@@ -224,7 +224,9 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     }
     llama_kv_cache * kv = triatt_full_cache(ctx);
     if (!kv) {
-        error = "KV policy: this model's memory is not a KV cache (recurrent or hybrid): token eviction does not apply";
+        error = std::string("KV policy: this model (") + llm_arch_name(ctx.get_model().arch) + ") keeps a recurrent "
+                "state (alone or beside attention layers), not only a KV cache of tokens: token eviction does not "
+                "apply; run it without a policy";
         return false;
     }
     const llama_model & model = ctx.get_model();
@@ -253,6 +255,12 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
 
     const ggml_type tk = kv->type_k();
     const bool scores_keys = p.type == LLAMA_KV_POLICY_TRI || p.type == LLAMA_KV_POLICY_SNAPKV;
+    if (scores_keys && hp.is_mla()) {
+        error = std::string("KV policy ") + triatt_policy_name(p.type) + ": this model (" + llm_arch_name(model.arch) +
+                ") uses multi-head latent attention: its cache holds a compressed latent, not per-head keys, so "
+                "keys cannot be scored; use the streaming or random policy";
+        return false;
+    }
     if (scores_keys && tk != GGML_TYPE_F32 && tk != GGML_TYPE_F16 && tk != GGML_TYPE_BF16 &&
         !ggml_get_type_traits(tk)->to_float) {
         error = std::string("KV policy ") + triatt_policy_name(p.type) + ": K cache type " + ggml_type_name(tk) +

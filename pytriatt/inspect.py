@@ -253,7 +253,11 @@ def model_summary(path_or_reader) -> Dict[str, Any]:
         context_length=k("context_length"),
         sliding_window=k("attention.sliding_window"),
     )
-    if out["rope_type"] in ("none", "unknown"):
+    if int(k("attention.kv_lora_rank", 0) or 0) > 0:
+        out.update(supported=False, unsupported_reason=(
+            f"architecture {arch!r} uses multi-head latent attention (MLA): its cache holds a compressed latent, "
+            f"not per-head keys, so tri and snapkv cannot score it; streaming and random still apply"))
+    elif out["rope_type"] in ("none", "unknown"):
         out.update(supported=False, unsupported_reason=(
             f"architecture {arch!r} does not use RoPE" if out["rope_type"] == "none"
             else f"architecture {arch!r}: unknown rope type"))
