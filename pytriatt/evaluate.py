@@ -334,8 +334,10 @@ def format_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None) 
             if _label(r) not in labels:
                 labels.append(_label(r))
         n = sorted({r["n"] for r in rs})
-        out.append(f"{rs[0]['task']} {metric} ({rs[0]['model']}; n = {', '.join(map(str, n))}; 95% interval)")
-        head = ["policy"] + ([f"budget {b}" for b in budgets] if budgets else []) + (["-"] if any(
+        ci = "; value [95% interval]" if any(r.get("ci_low") is not None for r in rs) else ""
+        out.append(f"{rs[0]['task']} {metric} ({rs[0]['model']}; n = {', '.join(map(str, n))}{ci})")
+        full_col = "all tokens (no budget)"
+        head = ["policy"] + ([f"budget {b}" for b in budgets] if budgets else []) + ([full_col] if any(
             r["budget"] is None for r in rs) else [])
         lines = [head]
         for lab in labels:
@@ -343,7 +345,7 @@ def format_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None) 
             for b in budgets:
                 hit = [r for r in rs if _label(r) == lab and r["budget"] == b]
                 cells.append(_fmt(hit[0]) if hit else "")
-            if head[-1] == "-":
+            if head[-1] == full_col:
                 hit = [r for r in rs if _label(r) == lab and r["budget"] is None]
                 cells.append(_fmt(hit[0]) if hit else "")
             lines.append(cells)

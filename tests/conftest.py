@@ -39,11 +39,11 @@ def tiny_calibrated(tiny_gguf, tmp_path_factory):
     """tiny_calibrated(arch) -> tiny_gguf(arch) with its TriAttention statistics embedded (what `pytriatt
     calibrate` writes, from max_tokens tokens read at n_ctx), cached for the session: tests only read it."""
     @functools.lru_cache(maxsize=None)
-    def make(arch: str = "llama", *, max_tokens: int = 512, n_ctx: int = 256):
+    def make(arch: str = "llama", *, max_tokens: int = 512, n_ctx: int = 256, **model_kw):
         from pytriatt import gguf_io
         from pytriatt.calibrate import calibrate
 
-        src = tiny_gguf(arch)
+        src = tiny_gguf(arch, **model_kw)
         cal, _ = calibrate(src, max_tokens=max_tokens, n_ctx=n_ctx, progress=False)
         dst = tmp_path_factory.mktemp(f"cal-{arch}") / f"tiny-{arch}.tri.gguf"
         gguf_io.write_with_metadata(src, dst, cal.gguf_fields())

@@ -28,25 +28,10 @@ BUDGET, INTERVAL, SINK, WINDOW = 32, 16, 2, 4
 
 
 @pytest.fixture(scope="module")
-def calibrated(tmp_path_factory):
-    """calibrated(**tiny_kw) -> a tiny llama carrying its own TriAttention statistics."""
-    from pytriatt import gguf_io
-    from pytriatt.calibrate import calibrate
-    from pytriatt.tiny import write_tiny_gguf
-
-    made = {}
-
-    def make(**kw):
-        key = tuple(sorted(kw.items()))
-        if key not in made:
-            d = tmp_path_factory.mktemp("perhead")
-            src = write_tiny_gguf(d / "model.gguf", arch="llama", **{"init_scale": 3.0, **kw})
-            cal, _ = calibrate(src, max_tokens=1024, n_ctx=512, progress=False)
-            made[key] = d / "model.tri.gguf"
-            gguf_io.write_with_metadata(src, made[key], cal.gguf_fields())
-        return made[key]
-
-    return make
+def calibrated(tiny_calibrated):
+    """calibrated(**tiny_kw) -> a tiny llama (peaky attention unless init_scale says otherwise) carrying its own
+    TriAttention statistics."""
+    return lambda **kw: tiny_calibrated("llama", max_tokens=1024, n_ctx=512, **{"init_scale": 3.0, **kw})
 
 
 def _tokens(n, seed):
