@@ -403,7 +403,8 @@ def cmd_run(args) -> int:
         result.update(budget=args.budget, interval=args.interval, sink=args.sink, window=args.window,
                       shift=args.shift, kv_cells_peak=peak, evictions=st["n_rounds"], tokens_evicted=st["n_evicted"],
                       score_ms=round(st["t_score_ms"], 3), evict_ms=round(st["t_evict_ms"], 3),
-                      per_head=getattr(args, "per_head", None) or False, head_rows_moved=st.get("n_moved", 0))
+                      per_head=getattr(args, "per_head", None) or False, head_rows_moved=st.get("n_moved", 0),
+                      prompt_tokens_evicted=st.get("n_evicted_prompt"))
     hint = None
     if n_gen == 0:
         hint = ("nothing was generated: the model ended its answer at once; "
@@ -435,6 +436,7 @@ def cmd_run(args) -> int:
                      f": {result['evictions']} evictions "
                      f"({result['tokens_evicted']} tokens), peak {peak} cells, scoring {result['score_ms']:.0f} ms, "
                      f"evicting {result['evict_ms']:.0f} ms"
+                     f"{'' if result['prompt_tokens_evicted'] is None else ', ' + str(result['prompt_tokens_evicted']) + ' of the prompt' + chr(39) + 's ' + str(n_prompt) + ' tokens evicted (--protect-prompt keeps them)'}"
                      f"{', ' + str(result['head_rows_moved']) + ' head rows moved' if args.per_head else ''}")
     print("\n".join(f"[{line}]" for line in lines), file=sys.stderr)
     return 0

@@ -125,3 +125,25 @@ def test_kv_stats_totals_only_grow_across_turns(tiny_cal):
         seen.append((st["n_rounds_total"], st["n_evicted_total"], st["n_rounds"], st["n_evicted"]))
         assert st["n_evicted_total"] >= st["n_evicted"] and st["n_rounds_total"] >= st["n_rounds"]
     assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(seen, seen[1:]))
+
+
+def test_a_conversation_says_what_it_lost_and_kv_protect_prompt_keeps_the_first_turn(tiny_cal):
+    def chat(**kw):
+        llm = llama_cpp.Llama(str(tiny_cal), kv_policy="tri", kv_budget=128, kv_interval=32, n_batch=32,
+                              chat_format="chatml", verbose=False, **kw)
+        msgs = [{"role": "system", "content": "You are Ada. The user is called Grace."}]
+        first = None
+        for turn in range(3):
+            msgs.append({"role": "user", "content": f"turn {turn}: tell me about the water " * 2})
+            out = llm.create_chat_completion(msgs, max_tokens=60, temperature=0.0, logit_bias={2: -100.0})
+            msgs.append(out["choices"][0]["message"])
+            if first is None:
+                first = llm.kv_stats()["n_prompt"]
+        return llm, first
+
+    llm, _ = chat()
+    st = llm.kv_stats()
+    assert st["n_prompt"] > 128 and st["n_evicted_prompt"] > 0          # the earlier turns lost tokens
+    llm, first = chat(kv_protect_prompt=True)
+    import pytriatt
+    assert set(range(first)) <= set(pytriatt.seq_positions(llm, 0).tolist())   # the first turn, all of it
