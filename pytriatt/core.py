@@ -94,11 +94,11 @@ ROPE_PAIRING: Dict[str, str] = {
 }
 
 # Architectures whose RoPE reading RopeSpec.from_gguf reproduces exactly (checked
-# against llama.cpp's graph in tests/test_core_rope_exact.py for llama, qwen2, qwen3
-# gemma3 and gpt-oss; qwen2moe/qwen3moe build RoPE exactly like qwen2/qwen3). Other
+# against llama.cpp's graph in tests/test_core_rope_exact.py for llama, qwen2, qwen3,
+# qwen3moe, granite, gemma3 and gpt-oss; qwen2moe builds RoPE exactly like qwen2). Other
 # architectures may have per-layer RoPE rules of their own (NoPE layers, MLA, their
 # own YaRN keys...): from_gguf refuses them unless strict=False.
-VERIFIED_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "gemma3", "gpt-oss")
+VERIFIED_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "granite", "gemma3", "gpt-oss")
 
 # architectures whose graph passes the rope_freqs / longrope factor tensors to ggml_rope_ext
 _FREQ_FACTOR_ARCHS = ("llama",)

@@ -7,6 +7,8 @@ llama.cpp architectures that pytriatt cares about:
 * ``llama``  - plain GQA transformer (the SmolLM2 family);
 * ``qwen2``  - like llama, plus q/k/v projection biases;
 * ``qwen3``  - like llama, plus per-head RMS norms on Q and K;
+* ``qwen3moe`` - qwen3 with a mixture of experts (``n_expert``, ``n_expert_used``);
+* ``granite`` - llama with Granite's embedding, residual, attention and logit scales;
 * ``gemma3`` - Q/K norms, post-attention / post-FFN norms, scaled embeddings
   and interleaved sliding-window (local) and global attention layers, so that
   llama.cpp builds its iSWA KV cache (two caches: SWA layers and full layers),
@@ -45,7 +47,7 @@ import numpy as np
 
 __all__ = ["ARCHS", "write_tiny_gguf", "write_tiny_mamba_gguf", "tiny_vocab"]
 
-ARCHS = ("llama", "qwen2", "qwen3", "gemma3", "gpt-oss")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "granite", "gemma3", "gpt-oss")
 
 _DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -222,8 +224,9 @@ def write_tiny_gguf(
     swa = int(extra.pop("sliding_window", 64)) if has_swa else 0
     swa_pattern: Union[int, Sequence[bool]] = extra.pop("sliding_window_pattern", 2) if has_swa else 2
     rope_base_swa = float(extra.pop("rope_freq_base_swa", 10000.0)) if arch == "gemma3" else None
-    n_expert = int(extra.pop("n_expert", 4)) if arch == "gpt-oss" else 0
-    n_expert_used = int(extra.pop("n_expert_used", 2)) if arch == "gpt-oss" else 0
+    has_moe = arch in ("gpt-oss", "qwen3moe")
+    n_expert = int(extra.pop("n_expert", 4)) if has_moe else 0
+    n_expert_used = int(extra.pop("n_expert_used", 2)) if has_moe else 0
     yarn_factor = float(extra.pop("yarn_factor", 4.0)) if arch == "gpt-oss" else 0.0
     softcap = extra.pop("final_logit_softcapping", None) if arch == "gemma3" else None
     if extra:
@@ -275,6 +278,16 @@ def write_tiny_gguf(
             w.add_rope_freq_base_swa(rope_base_swa)
         if softcap is not None:
             w.add_final_logit_softcapping(float(softcap))
+    if arch == "qwen3moe":
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        w.add_expert_feed_forward_length(n_ff)
+    if arch == "granite":
+        w.add_vocab_size(n_vocab)
+        w.add_logit_scale(8.0)
+        w.add_residual_scale(0.5)
+        w.add_embedding_scale(2.0)
+        w.add_attention_scale(1.0 / head_dim)
     if arch == "gpt-oss":
         # alternating 64-token windows (layer 0 local), attention sinks, YaRN, a mixture of experts
         w.add_sliding_window(swa)
@@ -319,7 +332,7 @@ def write_tiny_gguf(
             vec(f"{b}.attn_q.bias", q_dim, 0.0, 0.5)
             vec(f"{b}.attn_k.bias", kv_dim, 0.0, 0.5)
             vec(f"{b}.attn_v.bias", kv_dim, 0.0, 0.1)
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "qwen3moe", "gemma3"):
             vec(f"{b}.attn_q_norm.weight", head_dim, 1.0, 0.1)
             vec(f"{b}.attn_k_norm.weight", head_dim, 1.0, 0.1)
         mat(f"{b}.attn_output.weight", n_embd, q_dim)
@@ -334,6 +347,13 @@ def write_tiny_gguf(
                 w.add_tensor(f"{b}.ffn_{part}_exps.weight", a)
                 w.add_tensor(f"{b}.ffn_{part}_exps.bias",
                              (rng.standard_normal((n_expert, n_out), dtype=np.float32) * np.float32(0.1)))
+            continue
+        if arch == "qwen3moe":
+            vec(f"{b}.ffn_norm.weight", n_embd, 1.0, 0.1)
+            mat(f"{b}.ffn_gate_inp.weight", n_expert, n_embd)
+            for part, (n_out, n_in) in (("gate", (n_ff, n_embd)), ("up", (n_ff, n_embd)), ("down", (n_embd, n_ff))):
+                a = rng.standard_normal((n_expert, n_out, n_in), dtype=np.float32) * np.float32(init_scale / np.sqrt(n_in))
+                w.add_tensor(f"{b}.ffn_{part}_exps.weight", a)
             continue
         if arch == "gemma3":
             vec(f"{b}.post_attention_norm.weight", n_embd, 1.0, 0.1)

@@ -200,7 +200,7 @@ def tiny(tmp_path, arch, **kw):
 # --------------------------------------------------------------------------- tiny models
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "granite"])
 def test_tiny_models(tmp_path, arch):
     path = tiny(tmp_path, arch, n_layer=2, rope_freq_base=50000.0)
     spec = RopeSpec.from_gguf(path)
