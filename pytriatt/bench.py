@@ -719,7 +719,7 @@ def format_report(rep: dict) -> str:
 
 
 def plot_report(rep: dict, out: Path) -> None:
-    from .inspect import _require_matplotlib
+    from .modelinfo import _require_matplotlib
     plt = _require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in rep["policies"]:
@@ -776,7 +776,7 @@ def cmd_bench(args) -> int:
         out = Path(args.plot).expanduser()
         if not out.parent.is_dir():
             raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
-        from .inspect import _require_matplotlib
+        from .modelinfo import _require_matplotlib
         try:
             _require_matplotlib()
         except ImportError as e:

@@ -241,7 +241,7 @@ def add_parser(sub) -> None:
 
 def cmd_calibrate(args, resolve_model) -> dict:
     """Run `pytriatt calibrate`; returns the summary (printed by the caller). Errors raise ValueError & co."""
-    from . import gguf_io, inspect
+    from . import gguf_io, modelinfo
     from .core import Calibration, model_fingerprint
 
     src = resolve_model(args.model)
@@ -276,13 +276,13 @@ def cmd_calibrate(args, resolve_model) -> dict:
         "tokens_per_s": round(res.n_tokens / res.seconds, 1) if res and res.seconds > 0 else None,
         "replaced_existing": bool(carried or written.get("replaced")),
         "fingerprint": cal.model_fingerprint,
-        "profile": inspect.concentration_profile(cal),
+        "profile": modelinfo.concentration_profile(cal),
     }
     return summary
 
 
 def format_summary(s: dict) -> str:
-    from . import inspect
+    from . import modelinfo
 
     lines = []
     if s["replaced_existing"]:
@@ -290,5 +290,5 @@ def format_summary(s: dict) -> str:
     how = (f"merged {len(s['merged'])} files" if s["merged"]
            else f"{s['tokens']} tokens of {s['source']} in {s['seconds']} s ({s['tokens_per_s']} tok/s)")
     lines.append(f"wrote {s['output']}: {how}")
-    lines.append(inspect.format_profile(s["profile"]))
+    lines.append(modelinfo.format_profile(s["profile"]))
     return "\n".join(lines)

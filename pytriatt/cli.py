@@ -208,7 +208,7 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
                            "head, so no single position shift is right for it): drop one of them")
         kw["kv_per_head"] = per_head
     if policy == "tri":
-        from . import gguf_io, inspect
+        from . import gguf_io, modelinfo
         calib = Path(args.calib).expanduser() if args.calib else path
         if args.calib:
             if not calib.is_file():
@@ -216,7 +216,7 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
             check_gguf(calib)
         if args.calib and not gguf_io.has_prefix(calib, "triattention."):
             raise CliError(f"--calib {calib} carries no TriAttention statistics: pass a calibrated file, made with "
-                           f"{inspect.calibrate_command(args.model or model_arg)}"
+                           f"{modelinfo.calibrate_command(args.model or model_arg)}"
                            + (", or --calibrate instead of --calib" if hasattr(args, "calibrate") else ""))
         if not gguf_io.has_prefix(calib, "triattention."):
             if getattr(args, "calibrate", False):
@@ -224,7 +224,7 @@ def _kv_policy_args(args, path: Path, model_arg: str) -> dict:
             else:
                 now = "--calibrate to do it now, " if hasattr(args, "calibrate") else ""
                 raise CliError(f"{calib} carries no TriAttention calibration; add it with: "
-                               f"{inspect.calibrate_command(args.calib or model_arg)} "
+                               f"{modelinfo.calibrate_command(args.calib or model_arg)} "
                                f"(or pass {now}--calib FILE, or use --policy streaming)")
         kw["kv_calib"] = str(calib)
     note = sliding_window_note(path, args.budget)
@@ -465,13 +465,13 @@ def _load_checked(model: str) -> Path:
 
 
 def cmd_info(args) -> int:
-    from . import inspect
+    from . import modelinfo
     path = _load_checked(args.model)
-    rep = inspect.info_report(path, model_arg=args.model)
+    rep = modelinfo.info_report(path, model_arg=args.model)
     if args.json:
         _print_json(rep)
     else:
-        print(inspect.format_info(rep))
+        print(modelinfo.format_info(rep))
     cal = rep["calibration"]
     if cal is not None and "error" in cal:
         if not args.json:
@@ -481,7 +481,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from . import core, inspect
+    from . import core, modelinfo
     if args.heads < 1:
         raise CliError("--heads must be at least 1")
     out = Path(args.output).expanduser()
@@ -491,13 +491,13 @@ def cmd_plot(args) -> int:
     if out.exists() and out.resolve() == path.resolve():
         raise CliError(f"refusing to overwrite the model {path} with a picture; choose another -o path")
     try:
-        inspect._require_matplotlib()
+        modelinfo._require_matplotlib()
     except ImportError as e:
         raise CliError(str(e)) from None
     r = core._reader(path)
     if core._field(r, "triattention.version") is None:
         raise CliError(f"{path} carries no TriAttention calibration; add it with: "
-                       f"{inspect.calibrate_command(args.model)}")
+                       f"{modelinfo.calibrate_command(args.model)}")
     try:
         cal = core.Calibration.from_gguf(r, strict=False)
     except NotImplementedError as e:
@@ -505,7 +505,7 @@ def cmd_plot(args) -> int:
     name = core._scalar(r, "general.name", "") or path.name
     title = (f"TriAttention calibration of {name}  ({cal.calib_tokens} tokens"
              + (f" of {cal.calib_source}" if cal.calib_source else "") + ")")
-    res = inspect.plot_calibration(cal, out, n_heads=args.heads, title=title)
+    res = modelinfo.plot_calibration(cal, out, n_heads=args.heads, title=title)
     if args.json:
         _print_json({k: v for k, v in res.items() if k != "profile"})
     else:

@@ -5,7 +5,7 @@ Each input is a (small) GGUF file. It goes through:
 
 1. ``pytriatt.gguf_io.read_header`` (the header parser of ``pytriatt calibrate/info/plot``);
 2. ``pytriatt.core.Calibration.from_gguf`` (the calibration loader: the file as its own model,
-   and the file's statistics against the real tiny model) and ``pytriatt.inspect.info_report``;
+   and the file's statistics against the real tiny model) and ``pytriatt.modelinfo.info_report``;
 3. the C++ loader inside libllama: the file is attached with ``llama_set_kv_policy(tri,
    calib_path=...)`` to a context of a tiny llama model (``triatt_read_calib`` in
    cpp/llama-triatt-policy.cpp). When libllama accepts it, a few decode steps run eviction
@@ -376,7 +376,7 @@ class Target:
             self.stats_file.write_text(json.dumps(self.stats) + "\n")
         path = _scratch_path("input")
         path.write_bytes(data)
-        from pytriatt import core, gguf_io, inspect
+        from pytriatt import core, gguf_io, modelinfo
 
         try:
             gguf_io.read_header(path)
@@ -403,7 +403,7 @@ class Target:
                 _clean_error(e, "Calibration.from_gguf(file, tiny model)")
                 py_ok, self.py_error = False, str(e)
         try:
-            rep = inspect.info_report(path)
+            rep = modelinfo.info_report(path)
             json.dumps(rep, default=str)
         except Exception as e:
             _clean_error(e, "inspect.info_report")
@@ -598,6 +598,6 @@ if __name__ == "__main__":
         # loaded functions are instrumented directly
         import gguf  # noqa: F401
         import gguf.gguf_reader  # noqa: F401
-        from pytriatt import _llama, calibrate, context, core, gguf_io, inspect  # noqa: F401
+        from pytriatt import _llama, calibrate, context, core, gguf_io, modelinfo  # noqa: F401
         instrument_modules(atheris, ("pytriatt", "gguf"))
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""Specification of the concentration profile (pytriatt.inspect) and of `pytriatt info` / `pytriatt plot`.
+"""Specification of the concentration profile (pytriatt.modelinfo) and of `pytriatt info` / `pytriatt plot`.
 
 R of a head is sum_f |E q_f| / sum_f E|q_f| (the E|q_f|-weighted mean of the per-band mean
 resultant lengths); layers without KV are left out. `pytriatt info` shows the
@@ -17,7 +17,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from pytriatt import cli, inspect  # noqa: E402
+from pytriatt import cli, modelinfo  # noqa: E402
 from pytriatt.core import Calibration, RopeSpec, model_fingerprint  # noqa: E402
 from pytriatt.gguf_io import read_header, write_with_metadata  # noqa: E402
 
@@ -58,19 +58,19 @@ def run_main(capsys, *argv):
 def test_head_R_is_the_magnitude_weighted_mean_of_the_band_R():
     q_abs = np.array([[[1.0, 3.0]], [[2.0, 2.0]], [[0.0, 0.0]]])  # 3 layers, 1 head, 2 bands
     q_mean = np.array([[[1.0, 0.0]], [[2.0j, -1.0]], [[0.0, 0.0]]])
-    R = inspect.head_concentration(q_mean, q_abs)
+    R = modelinfo.head_concentration(q_mean, q_abs)
     # layer 0: band R = (1, 0), weights (1, 3) -> 1/4 (not the plain mean 1/2)
     assert R[0, 0] == pytest.approx(0.25)
     assert R[1, 0] == pytest.approx(3 / 4)
     assert np.isnan(R[2, 0])  # no statistics: undefined, not 0
-    R = inspect.head_concentration(q_mean, q_abs, kv_layers=[True, False, True])
+    R = modelinfo.head_concentration(q_mean, q_abs, kv_layers=[True, False, True])
     assert np.isnan(R[1, 0])
 
 
 def test_profile_per_layer_and_shares(tiny_gguf):
     src = tiny_gguf("llama", n_layer=3)
     R = [[0.99, 0.97, 0.90, 0.70], [0.96, 0.96, 0.96, 0.85], [0.5, 0.5, 0.5, 0.5]]
-    prof = inspect.concentration_profile(cal_from(src, R, zero_layers=(2,)))
+    prof = modelinfo.concentration_profile(cal_from(src, R, zero_layers=(2,)))
     assert prof["excluded_layers"] == [2]  # all-zero layer: no KV of its own
     assert [e["layer"] for e in prof["layers"]] == [0, 1]
     l0 = prof["layers"][0]
@@ -82,7 +82,7 @@ def test_profile_per_layer_and_shares(tiny_gguf):
     assert prof["mean"] == pytest.approx(np.mean(R[0] + R[1]))
     assert prof["heads"][2] == [None] * 4 and prof["heads"][0][0] == pytest.approx(0.99)
     json.dumps(prof)  # JSON-ready
-    text = inspect.format_profile(prof)
+    text = modelinfo.format_profile(prof)
     assert "R > 0.95: 62% (5 of 8)" in text and "R > 0.8: 88%" in text
     assert "not counted): 2" in text
     assert "90% of Qwen3-8B" in text
@@ -92,14 +92,14 @@ def test_layers_without_kv_in_the_rope_spec_are_excluded(tiny_gguf):
     src = tiny_gguf("llama", n_layer=3)
     cal = cal_from(src)
     cal.rope.kv_layers = [True, False, True]
-    prof = inspect.concentration_profile(cal)
+    prof = modelinfo.concentration_profile(cal)
     assert prof["excluded_layers"] == [1] and prof["n_heads"] == 8
 
 
 def test_distance_curve_is_the_aligned_key_trigonometric_series(tiny_gguf):
     cal = cal_from(tiny_gguf("llama"))
     d = np.array([0, 1, 7, 100, 4096])
-    y = inspect.distance_curve(cal, 1, 2, d)
+    y = modelinfo.distance_curve(cal, 1, 2, d)
     w = np.abs(cal.q_mean[1, 2].astype(np.complex128)) ** 2
     expected = np.array([np.sum(w * np.cos(cal.omega(1) * x)) for x in d]) / w.sum()
     np.testing.assert_allclose(y, expected, rtol=1e-12)
@@ -108,9 +108,9 @@ def test_distance_curve_is_the_aligned_key_trigonometric_series(tiny_gguf):
 
 def test_pick_heads_takes_the_most_and_least_concentrated():
     R = np.array([[0.9, 0.99, 0.5], [np.nan, np.nan, np.nan], [0.7, 0.98, 0.6]])
-    assert inspect.pick_heads(R, 4) == [(0, 1), (2, 1), (2, 2), (0, 2)]
-    assert inspect.pick_heads(R, 1) == [(0, 1)]
-    assert len(inspect.pick_heads(R, 100)) == 6
+    assert modelinfo.pick_heads(R, 4) == [(0, 1), (2, 1), (2, 2), (0, 2)]
+    assert modelinfo.pick_heads(R, 1) == [(0, 1)]
+    assert len(modelinfo.pick_heads(R, 100)) == 6
 
 
 # --------------------------------------------------------------------------- pytriatt info

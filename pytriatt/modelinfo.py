@@ -15,7 +15,7 @@ when every band is perfectly concentrated. Layers without a KV cache of their ow
 (all-zero statistics, or ``rope.kv_layers`` False) are left out of every figure. The
 paper reports about 90% of Qwen3-8B's heads above 0.95.
 
-    from pytriatt.inspect import concentration_profile, format_profile
+    from pytriatt.modelinfo import concentration_profile, format_profile
     prof = concentration_profile(Calibration.from_gguf("model.tri.gguf"))
     print(format_profile(prof))
 """
