@@ -116,7 +116,7 @@ def test_merging_two_half_runs_equals_one_full_run(tiny_gguf):
 
 def _python_capture(path, windows):
     """An independent capture: a Python eval callback reads every layer's query RoPE input."""
-    from test_core_rope_exact import _GgmlTensor, _ggml, _read
+    from pytriatt.eval_recall import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
 
     from pytriatt import _llama
     from pytriatt.context import Context
@@ -134,7 +134,7 @@ def _python_capture(path, windows):
         if ask:
             return True
         if lib.ggml_op_desc(ptr) != b"ROPE":
-            staged[t.data] = _read(lib, ptr)      # the ROPE may overwrite its input: copy it now
+            staged[t.data] = _read(lib, ptr).astype(np.float64)   # the ROPE may overwrite its input: copy it now
             return True
         src = _GgmlTensor.from_address(t.src[0])
         q = staged[src.data].reshape(-1, src.ne[1], src.ne[0])   # [tokens, n_head, head_dim]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from _attention import Capture  # noqa: E402
 from pytriatt.context import Context, Model
 
 pytestmark = pytest.mark.real
@@ -36,12 +37,11 @@ def _greedy(ctx, model, prompt, n, check):
 
 @pytest.mark.parametrize("policy", ["tri", "streaming", "random"])
 def test_4x_the_budget_in_a_fixed_cache_keeping_what_the_core_selects(smollm2_tri, policy):
-    from test_kv_policy import _capture_keys
-
     from pytriatt.core import Calibration, select
 
     cal = Calibration.from_gguf(smollm2_tri)
-    cb, keys = _capture_keys()
+    cap = Capture()
+    cb, keys = cap.cb, cap.K
     m = Model(smollm2_tri)
     prompt = m.tokenize("The history of the printing press begins in the fifteenth century, when")
     with Context(m, n_ctx=BUDGET + 128, n_batch=64, n_threads=2, cb_eval=cb, type_k="f32") as ctx:
