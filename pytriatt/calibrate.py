@@ -227,8 +227,9 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="the GGUF to write (never the input)")
     p.add_argument("--text", nargs="+", metavar="FILE", help="calibration text files (default: Python's "
                    "documentation, pydoc_data.topics)")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens of text to use (default 32768)")
-    p.add_argument("--ctx", type=int, default=4096, help="window length: the text is decoded in windows of "
+    p.add_argument("--tokens", type=int, default=32768, help="tokens of text to use (default 32768, as the paper; "
+                                                               "about 4 min for smollm2-135m on 2 CPU cores)")
+    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=4096, help="window length: the text is decoded in windows of "
                    "this many tokens (default 4096)")
     p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
     p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
