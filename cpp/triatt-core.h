@@ -4,7 +4,7 @@
 // pytriatt._core extension and into libllama (by the llama.cpp patches).
 // C++17, plain structs, a small set of free functions.
 //
-// Method (arXiv 2604.04921, see docs/ and DESIGN.md section 1): per layer l, query
+// Method (arXiv 2604.04921, see docs/method.md): per layer l, query
 // head h and frequency band f the calibration holds the complex mean qbar_f of the
 // pre-RoPE queries and the mean modulus A_f = E|q_f|. A cached key k (post-RoPE, as
 // llama.cpp stores it) at position p is scored at round position t by

@@ -18,7 +18,7 @@ Typical use::
 exactly as llama.cpp stores them, at ``positions`` (int ``[n]``); ``t`` is the current
 position (the round start in the paper).
 
-Scores (DESIGN.md section 1; ``s`` is the YaRN magnitude scale, 1 without YaRN)::
+Scores (docs/method.md; ``s`` is the YaRN magnitude scale, 1 without YaRN)::
 
     S_trig(k) = mean_{delta in D} sum_f s^2 |qbar_f| |kpre_f| cos(omega_f (t + delta - p) + phi_f)
     S_norm(k) = sum_f s^2 (A_f - |qbar_f|) |kpre_f|

@@ -1,6 +1,6 @@
 """The C++ scorer agrees with the paper's direct formula.
 
-Reference (DESIGN.md section 1), written without the synthetic-query identity:
+Reference (docs/method.md), written without the synthetic-query identity:
 remove RoPE from every cached key, then for every offset delta sum
 s^2 |qbar_f| |kpre_f| cos(omega_f (t + delta - p) + phi_f) over the bands, and add
 S_norm = sum_f s^2 (A_f - |qbar_f|) |kpre_f|.
