@@ -10,9 +10,11 @@
 
 #include "llama-triatt-policy.h"
 
+#include "llama-context.h"
 #include "llama-kv-cache.h"
 #include "llama-impl.h"
 
+#include "ggml-alloc.h"
 #include "ggml-backend.h"
 
 #include <algorithm>
@@ -114,8 +116,70 @@ static void triatt_move_segments(ggml_tensor * t, uint32_t stream, bool transpos
     }
 }
 
-bool llama_kv_policy::round_per_head(llama_kv_cache & kv, llama_seq_id seq_id, const triatt_select_params & sel,
-                                     int64_t & n_keep) {
+ggml_backend_t triatt_backend_of(llama_context & ctx, const ggml_tensor * t) {
+    ggml_backend_sched_t sched = ctx.get_sched();
+    for (int i = 0; t->buffer && i < ggml_backend_sched_get_n_backends(sched); ++i) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+        if (ggml_backend_supports_buft(b, ggml_backend_buffer_get_type(t->buffer))) {
+            return b;
+        }
+    }
+    return nullptr;
+}
+
+// the same moves as a ggml graph on the backend that holds t (a cache in device memory stays there): t's stream
+// seen as rows of one head's segment (cell c, head g is row c*n_head_kv + g), the moved rows gathered to f32
+// and scattered back (exact for f32/f16/bf16, and for q8_0/q4_0 whose blocks re-quantize to themselves).
+// Returns false if the backend cannot run it; the caller then stages the rows through the host
+static bool triatt_move_segments_graph(ggml_backend_t backend, ggml_tensor * t, uint32_t stream, int64_t head_dim,
+                                       const std::vector<llama_kv_policy::head_move> & moves) {
+    if (moves.empty()) {
+        return true;
+    }
+    if (backend == nullptr || t->ne[0] % head_dim != 0) {
+        return false;
+    }
+    const int64_t n_seg = t->ne[0] / head_dim;   // head segments per cell
+    std::vector<int32_t> src(moves.size());
+    std::vector<int64_t> dst(moves.size());
+    for (size_t i = 0; i < moves.size(); ++i) {
+        src[i] = (int32_t) (moves[i].src * n_seg + moves[i].g);
+        dst[i] = (int64_t) moves[i].dst * n_seg + moves[i].g;
+    }
+    std::vector<uint8_t> meta(ggml_tensor_overhead() * 16 + ggml_graph_overhead());
+    ggml_init_params ip = { /*.mem_size =*/ meta.size(), /*.mem_buffer =*/ meta.data(), /*.no_alloc =*/ true };
+    ggml_context * gctx = ggml_init(ip);
+    if (!gctx) {
+        return false;
+    }
+    ggml_tensor * rows = ggml_view_2d(gctx, t, head_dim, n_seg * t->ne[1], ggml_row_size(t->type, head_dim),
+                                      (size_t) stream * t->nb[2]);
+    ggml_tensor * idx_src = ggml_new_tensor_1d(gctx, GGML_TYPE_I32, (int64_t) src.size());
+    ggml_tensor * idx_dst = ggml_new_tensor_1d(gctx, GGML_TYPE_I64, (int64_t) dst.size());
+    ggml_set_input(idx_src);
+    ggml_set_input(idx_dst);
+    ggml_tensor * moved = ggml_set_rows(gctx, rows, ggml_get_rows(gctx, rows, idx_src), idx_dst);
+    ggml_set_output(moved);
+    ggml_cgraph * gf = ggml_new_graph(gctx);
+    ggml_build_forward_expand(gf, moved);
+    bool ok = true;
+    for (int i = 0; i < ggml_graph_n_nodes(gf) && ok; ++i) {
+        ok = ggml_backend_supports_op(backend, ggml_graph_node(gf, i));
+    }
+    ggml_gallocr_t galloc = ok ? ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend)) : nullptr;
+    ok = ok && galloc && ggml_gallocr_alloc_graph(galloc, gf);
+    if (ok) {
+        ggml_backend_tensor_set(idx_src, src.data(), 0, ggml_nbytes(idx_src));
+        ggml_backend_tensor_set(idx_dst, dst.data(), 0, ggml_nbytes(idx_dst));
+        ok = ggml_backend_graph_compute(backend, gf) == GGML_STATUS_SUCCESS;
+    }
+    ggml_gallocr_free(galloc);
+    ggml_free(gctx);
+    return ok;
+}
+
+bool llama_kv_policy::round_per_head(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id,
+                                     const triatt_select_params & sel, int64_t & n_keep) {
     const llama_kv_cells & cells = kv.get_cells(seq_id);
     const uint32_t stream = kv.get_stream(seq_id);
     const int64_t  n      = (int64_t) cand_pos.size();
@@ -212,8 +276,10 @@ bool llama_kv_policy::round_per_head(llama_kv_cache & kv, llama_seq_id seq_id, c
         }
     }
 
-    // 4. move the rows, layer by layer
+    // 4. move the rows, layer by layer: in place in host memory; in device memory by a graph on the cache's
+    //    backend (PYTRIATT_MOVE_BACKEND=1 forces that for host caches too, PYTRIATT_MOVE_STAGED=1 the host copy)
     const bool force_staged = getenv("PYTRIATT_MOVE_STAGED") && strcmp(getenv("PYTRIATT_MOVE_STAGED"), "1") == 0;
+    const bool force_graph  = getenv("PYTRIATT_MOVE_BACKEND") && strcmp(getenv("PYTRIATT_MOVE_BACKEND"), "1") == 0;
     std::vector<head_move> & lm = layer_moves;
     for (size_t li = 0; li < n_li && !moves.empty(); ++li) {
         lm.clear();
@@ -225,10 +291,22 @@ bool llama_kv_policy::round_per_head(llama_kv_cache & kv, llama_seq_id seq_id, c
         }
         ggml_tensor * k = kv.get_k_storage(layers[li]);
         ggml_tensor * v = kv.get_v_storage(layers[li]);
-        const bool k_staged = force_staged || !(k->buffer && ggml_backend_buffer_is_host(k->buffer));
-        const bool v_staged = force_staged || !(v->buffer && ggml_backend_buffer_is_host(v->buffer));
-        triatt_move_segments(k, stream, false, head_dim, lm, k_staged, move_stage);
-        triatt_move_segments(v, stream, kv.get_v_trans(), head_dim_v, lm, v_staged, move_stage);
+        for (ggml_tensor * t : { k, v }) {
+            const bool    transposed = t == v && kv.get_v_trans();
+            const int64_t hd         = t == k ? head_dim : head_dim_v;
+            const bool    on_host    = t->buffer && ggml_backend_buffer_is_host(t->buffer);
+            if (!force_staged && (force_graph || !on_host) && !transposed) {
+                if (triatt_move_segments_graph(triatt_backend_of(ctx, t), t, stream, hd, lm)) {
+                    continue;
+                }
+                if (force_graph) {
+                    error = std::string("KV policy: moving head rows of a ") + ggml_type_name(t->type) +
+                            " cache by a graph on its backend failed (PYTRIATT_MOVE_BACKEND=1)";
+                    return false;
+                }
+            }
+            triatt_move_segments(t, stream, transposed, hd, lm, force_staged || !on_host, move_stage);
+        }
     }
     n_moved = (uint64_t) moves.size() * (params.granularity == LLAMA_KV_POLICY_PER_KV_HEAD ? n_li : 1);
 

@@ -467,14 +467,7 @@ bool llama_kv_policy::score_layers_tri(llama_context & ctx, llama_kv_cache & kv,
         const bool on_host = k->buffer && ggml_backend_buffer_is_host(k->buffer);
         if (!on_host || force_backend) {
             // score where the cache lives: the context's backend that can use K's buffer
-            ggml_backend_sched_t sched = ctx.get_sched();
-            ggml_backend_t be = nullptr;
-            for (int i = 0; i < ggml_backend_sched_get_n_backends(sched) && !be; ++i) {
-                ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
-                if (ggml_backend_supports_buft(b, ggml_backend_buffer_get_type(k->buffer))) {
-                    be = b;
-                }
-            }
+            ggml_backend_t be = triatt_backend_of(ctx, k);
             std::string err;
             if (be && be != scorer_be_backend) {
                 triatt_score_backend_free(scorer_be);
@@ -693,7 +686,7 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
     n_moved = 0;
     int64_t n_keep = 0;
     bool per_head = sel.policy == TRIATT_POLICY_TRIATTENTION && params.granularity != LLAMA_KV_POLICY_SHARED;
-    if (per_head && !round_per_head(*kv, seq_id, sel, n_keep)) {
+    if (per_head && !round_per_head(ctx, *kv, seq_id, sel, n_keep)) {
         if (!error.empty()) {
             return false;
         }

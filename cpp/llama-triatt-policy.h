@@ -25,6 +25,9 @@ class llama_batch_allocr;
 class llama_kv_cache;
 class llama_kv_cells;
 
+// the context's backend that can compute on t's buffer (where t lives), or null
+ggml_backend_t triatt_backend_of(llama_context & ctx, const ggml_tensor * t);
+
 struct llama_kv_policy {
     llama_kv_policy_params params;
     llama_kv_policy_stats  total = {}; // all sequences since the policy was attached
@@ -129,7 +132,8 @@ private:
     bool score_layers_snap(llama_kv_cache & kv, llama_seq_id seq_id, uint32_t n_cells);
     // per-head: rank per group, choose the surviving cells, move rows; fills evict. Returns false with
     // error set on failure, or with error empty when shared cells leave too few candidates (evict whole cells)
-    bool round_per_head(llama_kv_cache & kv, llama_seq_id seq_id, const triatt_select_params & sel, int64_t & n_keep);
+    bool round_per_head(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, const triatt_select_params & sel,
+                        int64_t & n_keep);
     bool init_per_head(llama_kv_cache & kv, const llama_model & model);
     int32_t n_head_groups() const;
     int32_t head_group(size_t li, int32_t g) const;

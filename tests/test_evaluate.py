@@ -333,7 +333,7 @@ def test_the_command_prints_rows_as_json_and_draws_the_plot(tiny, tmp_path):
         ("full", None), ("streaming", 48), ("streaming", 64), ("random", 48), ("random", 64)}
     assert png.read_bytes()[:4] == b"\x89PNG"
     table = evaluate.format_table(rows, ["ppl_ratio"])
-    assert "| policy | budget 48 | budget 64 | - |" in table and "| streaming |" in table
+    assert "| policy | budget 48 | budget 64 | all tokens (no budget) |" in table and "| streaming |" in table
 
 
 @pytest.mark.parametrize("args, message", [

@@ -129,15 +129,18 @@ def test_select_heads_is_the_papers_per_kv_head_rule(calibrated):
 # llama.cpp's CPU flash attention rounds Q and the softmax weights to f16, hence the looser tolerances
 @pytest.mark.parametrize("granularity,type_kv,flash_attn,staged,tol", [
     ("head", "f32", False, False, 1e-4),   # V transposed
-    ("layer", "f32", False, True, 1e-4),   # rows staged through a host copy, as for device buffers
+    ("layer", "f32", False, "staged", 1e-4),   # V transposed: rows staged through a host copy
+    ("layer", "f32", True, "graph", 1e-2),     # rows moved by a ggml graph on the cache's backend
     ("head", "f32", True, False, 1e-2),
     ("layer", "f16", True, False, 1e-2),
     ("head", "q8_0", True, False, 3e-2),   # head_dim 64: K and V are Hadamard-rotated per head
 ])
 def test_attention_reads_exactly_each_heads_kept_tokens(calibrated, monkeypatch, granularity, type_kv, flash_attn,
                                                         staged, tol):
-    if staged:
+    if staged == "staged":
         monkeypatch.setenv("PYTRIATT_MOVE_STAGED", "1")
+    elif staged == "graph":
+        monkeypatch.setenv("PYTRIATT_MOVE_BACKEND", "1")
     # head_dim 64, and flatter attention so that the tokens a head moved carry weight next to q8_0's rounding
     kw = dict(n_embd=256, n_head=4, n_head_kv=2, init_scale=1.0) if type_kv == "q8_0" else {}
     path = calibrated(**kw)
@@ -224,3 +227,31 @@ def test_cells_shared_with_another_sequence_keep_their_rows(calibrated):
         got = ctx.decode(tail, seq_id=1)
         assert ctx.kv_policy_stats(1)["n_rounds"] == 0 and ctx.kv_policy_stats(0)["n_moved"] > 0
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+@pytest.mark.parametrize("type_kv", ["f16", "q8_0", "q4_0"])
+def test_the_three_ways_of_moving_rows_leave_the_same_bytes(calibrated, monkeypatch, type_kv):
+    """In place (host memory), staged through a host copy, and by a ggml graph on the cache's backend (device
+    memory; forced here on the CPU backend): after the same rounds the saved states are byte for byte equal,
+    so the graph's gather to f32 and scatter back re-quantizes q8_0/q4_0 blocks to themselves."""
+    path = calibrated(n_embd=256, n_head=4, n_head_kv=2, init_scale=1.0)
+    m = Model(path)
+    states = {}
+    for way in ("in place", "staged", "graph"):
+        monkeypatch.delenv("PYTRIATT_MOVE_STAGED", raising=False)
+        monkeypatch.delenv("PYTRIATT_MOVE_BACKEND", raising=False)
+        if way != "in place":
+            monkeypatch.setenv("PYTRIATT_MOVE_STAGED" if way == "staged" else "PYTRIATT_MOVE_BACKEND", "1")
+        with Context(m, n_ctx=BUDGET + 64, n_batch=64, n_threads=1, type_k=type_kv, type_v=type_kv,
+                     flash_attn=True) as ctx:
+            ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=SINK, window=WINDOW, per_head="layer")
+            for step in range(30):
+                ctx.decode(_tokens(5, 700 + step), logits="none")
+            assert ctx.kv_policy_stats()["n_moved"] > 0
+            lc = ctx._lc
+            size = lc.llama_state_seq_get_size(ctx.ctx_ptr, 0)
+            buf = (ctypes.c_uint8 * size)()
+            assert lc.llama_state_seq_get_data(ctx.ctx_ptr, buf, size, 0) == size
+            states[way] = bytes(buf)
+    assert states["staged"] == states["in place"]
+    assert states["graph"] == states["in place"]
