@@ -208,6 +208,14 @@ class RopeSpec:
         else:
             ffs = [freq_factors] * n_layer
 
+        # a file may hold any number: the C++ layer takes int32 (the core then checks the rotary range)
+        if not 0 < int(head_dim) < 2**31:
+            raise ValueError(f"head_dim {head_dim} is out of range")
+        for il, n in enumerate(n_rots):
+            if not 0 <= n <= head_dim:
+                raise ValueError(f"layer {il}: n_rot {n} is outside 0..head_dim ({head_dim})")
+        if not -2**31 <= int(n_ctx_orig) < 2**31:
+            raise ValueError(f"n_ctx_orig {n_ctx_orig} is out of range")
         self.layers: List[Any] = []
         for il in range(n_layer):
             rl = _core.RopeLayer()
