@@ -174,11 +174,15 @@ def test_tri_on_an_uncalibrated_model_names_pytriatt_calibrate(llama_tools, smol
 
 def test_the_help_lists_the_kv_arguments(llama_tools):
     r = subprocess.run([str(llama_tools["llama-server"]), "--help"], capture_output=True, text=True, timeout=60)
-    for arg in ("--kv-policy", "--kv-budget", "--kv-interval", "--kv-sink", "--kv-window", "--kv-calib"):
+    for arg in ("--kv-policy", "--kv-budget", "--kv-interval", "--kv-sink", "--kv-window", "--kv-calib",
+                "--kv-per-head"):
         assert arg in r.stdout
 
 
-def test_tri_scores_a_k_cache_that_lives_on_an_rpc_server(llama_tools, tiny_cal):
+@pytest.mark.parametrize("per_head", [None, "layer"])
+def test_tri_scores_a_k_cache_that_lives_on_an_rpc_server(llama_tools, tiny_cal, per_head):
+    """The K cache on a device (an RPC server): tri scores it there; per head, the head rows move there too
+    (the ggml graph of llama-triatt-heads.cpp on the RPC backend)."""
     port = free_port()
     rpc = subprocess.Popen([str(llama_tools["ggml-rpc-server"]), "--host", "127.0.0.1", "--port", str(port)],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -194,7 +198,8 @@ def test_tri_scores_a_k_cache_that_lives_on_an_rpc_server(llama_tools, tiny_cal)
         # every layer, and so the KV cache, on the RPC device: the policy reads K back over the network
         srv = LlamaServer(llama_tools["llama-server"],
                           ["-m", str(tiny_cal), "--rpc", f"127.0.0.1:{port}", "-ngl", "99", "-np", "1", "-c", "2048",
-                           "-b", "32", "--kv-policy", "tri", "--kv-budget", "32", "--kv-interval", "16", "-lv", "4"])
+                           "-b", "32", "--kv-policy", "tri", "--kv-budget", "32", "--kv-interval", "16", "-lv", "4"]
+                          + (["--kv-per-head", per_head] if per_head else []))
         try:
             assert re.search(r"llama_kv_cache: RPC\d+\[127\.0\.0\.1:\d+\] KV buffer size", srv.log), srv.log[-3000:]
             r = _complete(srv.url, "one two three four", 4 * 32)
@@ -202,6 +207,7 @@ def test_tri_scores_a_k_cache_that_lives_on_an_rpc_server(llama_tools, tiny_cal)
             kv = srv.slots()[r["id_slot"]]["kv_policy"]
             assert kv["n_rounds"] > 0 and kv["n_evicted"] > 0 and kv["t_score_ms"] > 0
             assert kv["n_cells_used"] <= 32 + 16
+            assert (kv["n_moved"] > 0) == bool(per_head)
         finally:
             srv.stop()
     finally:
