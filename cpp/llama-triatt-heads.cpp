@@ -131,12 +131,12 @@ ggml_backend_t triatt_backend_of(llama_context & ctx, const ggml_tensor * t) {
 // seen as rows of one head's segment (cell c, head g is row c*n_head_kv + g), the moved rows gathered to f32
 // and scattered back (exact for f32/f16/bf16, and for q8_0/q4_0 whose blocks re-quantize to themselves).
 // Returns false if the backend cannot run it; the caller then stages the rows through the host
-static bool triatt_move_segments_graph(ggml_backend_t backend, ggml_tensor * t, uint32_t stream, int64_t head_dim,
-                                       const std::vector<llama_kv_policy::head_move> & moves) {
+static bool triatt_move_segments_graph(ggml_backend_t backend, ggml_gallocr_t galloc, ggml_tensor * t, uint32_t stream,
+                                       int64_t head_dim, const std::vector<llama_kv_policy::head_move> & moves) {
     if (moves.empty()) {
         return true;
     }
-    if (backend == nullptr || t->ne[0] % head_dim != 0) {
+    if (backend == nullptr || galloc == nullptr || t->ne[0] % head_dim != 0) {
         return false;
     }
     const int64_t n_seg = t->ne[0] / head_dim;   // head segments per cell
@@ -166,14 +166,12 @@ static bool triatt_move_segments_graph(ggml_backend_t backend, ggml_tensor * t, 
     for (int i = 0; i < ggml_graph_n_nodes(gf) && ok; ++i) {
         ok = ggml_backend_supports_op(backend, ggml_graph_node(gf, i));
     }
-    ggml_gallocr_t galloc = ok ? ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend)) : nullptr;
-    ok = ok && galloc && ggml_gallocr_alloc_graph(galloc, gf);
+    ok = ok && ggml_gallocr_alloc_graph(galloc, gf);
     if (ok) {
         ggml_backend_tensor_set(idx_src, src.data(), 0, ggml_nbytes(idx_src));
         ggml_backend_tensor_set(idx_dst, dst.data(), 0, ggml_nbytes(idx_dst));
         ok = ggml_backend_graph_compute(backend, gf) == GGML_STATUS_SUCCESS;
     }
-    ggml_gallocr_free(galloc);
     ggml_free(gctx);
     return ok;
 }
@@ -277,9 +275,9 @@ bool llama_kv_policy::round_per_head(llama_context & ctx, llama_kv_cache & kv, l
     }
 
     // 4. move the rows, layer by layer: in place in host memory; in device memory by a graph on the cache's
-    //    backend (PYTRIATT_MOVE_BACKEND=1 forces that for host caches too, PYTRIATT_MOVE_STAGED=1 the host copy)
-    const bool force_staged = getenv("PYTRIATT_MOVE_STAGED") && strcmp(getenv("PYTRIATT_MOVE_STAGED"), "1") == 0;
-    const bool force_graph  = getenv("PYTRIATT_MOVE_BACKEND") && strcmp(getenv("PYTRIATT_MOVE_BACKEND"), "1") == 0;
+    //    backend (force_move_graph: that for host caches too; force_move_staged: the host copy)
+    const bool force_staged = force_move_staged;
+    const bool force_graph  = force_move_graph;
     std::vector<head_move> & lm = layer_moves;
     for (size_t li = 0; li < n_li && !moves.empty(); ++li) {
         lm.clear();
@@ -296,7 +294,13 @@ bool llama_kv_policy::round_per_head(llama_context & ctx, llama_kv_cache & kv, l
             const int64_t hd         = t == k ? head_dim : head_dim_v;
             const bool    on_host    = t->buffer && ggml_backend_buffer_is_host(t->buffer);
             if (!force_staged && (force_graph || !on_host) && !transposed) {
-                if (triatt_move_segments_graph(triatt_backend_of(ctx, t), t, stream, hd, lm)) {
+                ggml_backend_t be = triatt_backend_of(ctx, t);
+                if (be && be != move_galloc_backend) {
+                    ggml_gallocr_free(move_galloc);
+                    move_galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
+                    move_galloc_backend = move_galloc ? be : nullptr;
+                }
+                if (triatt_move_segments_graph(be, move_galloc, t, stream, hd, lm)) {
                     continue;
                 }
                 if (force_graph) {
@@ -327,11 +331,10 @@ int32_t llama_kv_policy::head_positions(llama_kv_cache & kv, llama_seq_id seq_id
     }
     const llama_kv_cells & cells = kv.get_cells(seq_id);
     std::vector<llama_pos> pos;
-    const bool per_head = params.granularity != LLAMA_KV_POLICY_SHARED && params.type != LLAMA_KV_POLICY_FULL;
-    const head_map * hm = per_head ? &head_map_of(kv, kv.get_stream(seq_id)) : nullptr;
-    const int32_t grp = per_head ? head_group((size_t) (it - layers.begin()), head_kv) : 0;
+    const head_map & hm = head_map_of(kv, kv.get_stream(seq_id));
+    const int32_t grp = head_group((size_t) (it - layers.begin()), head_kv);
     for (const auto & [p, c] : cells.seq_pos_get(seq_id)) {
-        pos.push_back(hm ? head_pos(*hm, cells, grp, c) : p);
+        pos.push_back(head_pos(hm, cells, grp, c));
     }
     std::sort(pos.begin(), pos.end());
     for (int32_t i = 0; i < std::min<int32_t>(n_max, (int32_t) pos.size()); ++i) {

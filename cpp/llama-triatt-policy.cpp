@@ -188,6 +188,7 @@ static bool triatt_read_calib(const char * path, const llama_model & model, tria
 
 llama_kv_policy::~llama_kv_policy() {
     triatt_score_backend_free(scorer_be);
+    ggml_gallocr_free(move_galloc);
     triatt_scorer_free(scorer);
     triatt_selector_free(selector);
 }
@@ -252,6 +253,8 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     if (p.granularity != LLAMA_KV_POLICY_SHARED && !init_per_head(*kv, model)) {
         return false;
     }
+    force_move_staged = getenv("PYTRIATT_MOVE_STAGED") && strcmp(getenv("PYTRIATT_MOVE_STAGED"), "1") == 0;
+    force_move_graph  = getenv("PYTRIATT_MOVE_BACKEND") && strcmp(getenv("PYTRIATT_MOVE_BACKEND"), "1") == 0;
 
     const ggml_type tk = kv->type_k();
     const bool scores_keys = p.type == LLAMA_KV_POLICY_TRI || p.type == LLAMA_KV_POLICY_SNAPKV;
@@ -826,24 +829,19 @@ int32_t llama_kv_policy_head_positions(struct llama_context * ctx, llama_seq_id 
         if (head_kv < 0 || head_kv >= (int32_t) hp.n_head_kv(il)) {
             return -1;
         }
-        const int32_t n = iswa->get_swa()->seq_positions(seq_id, nullptr, 0);
-        std::vector<llama_pos> pos_swa(std::max(n, 0));
-        iswa->get_swa()->seq_positions(seq_id, pos_swa.data(), n);
-        for (int32_t i = 0; i < std::min(n, n_max); ++i) {
-            pos[i] = pos_swa[i];
-        }
-        return n;
+        return iswa->get_swa()->seq_positions(seq_id, pos, n_max);
     }
-    llama_kv_policy none;
-    llama_kv_policy * policy = ctx->kv_policy ? ctx->kv_policy : &none;
-    if (!ctx->kv_policy) {
-        // no policy: every head holds the sequence's positions
-        for (uint32_t l : kv->get_layer_ids()) {
-            none.layers.push_back((int32_t) l);
-        }
-        none.n_head_kv = (int32_t) ctx->get_model().hparams.n_head_kv(0);
+    const llama_kv_policy * policy = ctx->kv_policy;
+    if (policy && policy->params.granularity != LLAMA_KV_POLICY_SHARED) {
+        return ctx->kv_policy->head_positions(*kv, seq_id, il, head_kv, pos, n_max);
     }
-    return policy->head_positions(*kv, seq_id, il, head_kv, pos, n_max);
+    // shared (or no policy): every head of a layer with its own cache holds the sequence's cached positions
+    const auto ids = kv->get_layer_ids();
+    if (std::find(ids.begin(), ids.end(), (uint32_t) il) == ids.end() || head_kv < 0 ||
+        head_kv >= (int32_t) hp.n_head_kv(il)) {
+        return -1;
+    }
+    return kv->seq_positions(seq_id, pos, n_max);
 }
 
 const char * llama_kv_policy_last_error(void) {

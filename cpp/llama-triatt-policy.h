@@ -13,6 +13,7 @@
 #include "llama.h"
 #include "triatt-core.h"
 
+#include "ggml-alloc.h"
 #include "ggml-backend.h"
 
 #include <map>
@@ -81,6 +82,10 @@ struct llama_kv_policy {
     std::vector<head_move> moves;
     std::vector<head_move> layer_moves;
     std::vector<uint8_t>   move_stage;
+    ggml_gallocr_t         move_galloc         = nullptr; // graph allocator of move_galloc_backend, reused
+    ggml_backend_t         move_galloc_backend = nullptr;
+    bool force_move_staged = false; // PYTRIATT_MOVE_STAGED=1: move device-like rows through a host copy
+    bool force_move_graph  = false; // PYTRIATT_MOVE_BACKEND=1: move host rows by a graph on the CPU backend
     uint64_t n_moved = 0; // head rows moved by the latest round
 
     // SNAPKV: the post-RoPE queries of the most recent tokens, per scored layer (ring buffers of
@@ -120,7 +125,8 @@ struct llama_kv_policy {
     // with shift, the batch's positions move down with the sequence's
     bool before_batch(llama_context & ctx, llama_batch_allocr & balloc);
 
-    // the positions KV head head_kv of layer il holds for seq_id (llama_kv_policy_head_positions)
+    // per-head: the positions KV head head_kv of scored layer il holds for seq_id (llama_kv_policy_head_positions);
+    // -1 if il is not a scored layer
     int32_t head_positions(llama_kv_cache & kv, llama_seq_id seq_id, int32_t il, int32_t head_kv, llama_pos * out, int32_t n_max);
 
     // SNAPKV: the eval callback installed on the context

@@ -101,6 +101,19 @@ class Model:
             self.close()
 
 
+# per-head eviction (llama_kv_policy_params.granularity): what per_head= / kv_per_head= / tri@... accept
+GRANULARITIES = {"shared": 0, "head": 1, "layer": 2}
+
+
+def granularity(per_head: Union[bool, str]) -> int:
+    """The C enum value of per_head: False or "shared" (one token set), True or "head" (one per KV head,
+    shared by the layers), "layer" (one per KV head of each layer)."""
+    key = {False: "shared", True: "head"}.get(per_head, per_head) if isinstance(per_head, bool) else per_head
+    if key not in GRANULARITIES:
+        raise ValueError(f"per_head must be False, True (or 'head') or 'layer', got {per_head!r}")
+    return GRANULARITIES[key]
+
+
 class Context:
     """A llama.cpp context: n_ctx KV cells shared by n_seq_max sequences."""
 
@@ -170,10 +183,7 @@ class Context:
         p.n_sink, p.n_window, p.protect_prompt = sink, window, protect_prompt
         p.kv_agg_mean, p.seed, p.n_threads = kv_agg == "mean", seed & 0xFFFFFFFF, n_threads
         p.shift, p.snap_window = shift, snap_window
-        granularity = {False: 0, "shared": 0, True: 1, "head": 1, "layer": 2}
-        if not isinstance(per_head, (bool, str)) or per_head not in granularity:
-            raise ValueError(f"per_head must be False, True (or 'head') or 'layer', got {per_head!r}")
-        p.granularity = granularity[per_head]
+        p.granularity = granularity(per_head)
         self._calib_path = str(calib if calib is not None else self.model.path).encode()
         p.calib_path = self._calib_path
         if lc.llama_set_kv_policy(self.ctx_ptr, ctypes.byref(p)) != 0:

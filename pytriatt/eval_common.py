@@ -21,7 +21,6 @@ from . import _llama
 # policies `pytriatt eval` knows; "full" keeps every token. "tri@head" / "tri@layer" (and snapkv@...)
 # run them per head: every KV head (of every layer) keeps its own tokens
 POLICIES = ("full", "tri", "streaming", "random", "snapkv")
-GRANULARITIES = {"shared": 0, "head": 1, "layer": 2}
 PER_HEAD_POLICIES = ("tri", "snapkv")
 
 
@@ -165,6 +164,7 @@ def support() -> dict:
 
 def check_supported(policies: Sequence[str], shift: bool) -> None:
     """Refuse, in one line, policies or position modes the installed build lacks."""
+    from .context import GRANULARITIES
     for name in policies:
         p, gran = split_policy(name)
         if p not in POLICIES:
@@ -211,7 +211,8 @@ def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: i
     if policy == "snapkv" and "snap_window" in fields:
         p.snap_window = int(snap_window)
     if gran != "shared":
-        p.granularity = GRANULARITIES[gran]
+        from .context import granularity
+        p.granularity = granularity(gran)
     ctx._eval_calib = os.fsencode(os.fspath(calib if calib is not None else ctx.model.path))
     p.calib_path = ctx._eval_calib
     if lc.llama_set_kv_policy(ctx.ctx_ptr, ctypes.byref(p)) != 0:

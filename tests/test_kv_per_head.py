@@ -198,7 +198,7 @@ def test_other_sequences_are_untouched_and_a_saved_state_restores_the_logits(cal
     assert np.abs(after - again).max() <= 1e-5 * np.abs(after).max()
 
 
-def test_configurations_per_head_cannot_serve_are_refused(calibrated, tiny_gguf):
+def test_configurations_per_head_cannot_serve_are_refused(calibrated):
     m = Model(calibrated())
     with Context(m, n_ctx=256, n_batch=64) as ctx:
         with pytest.raises(ValueError, match="only tri and snapkv"):
