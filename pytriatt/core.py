@@ -92,16 +92,33 @@ ROPE_PAIRING: Dict[str, str] = {
     **{a: "neox" for a in _NEOX_ARCHS},
     **{a: "none" for a in _NONE_ARCHS},
 }
+# architectures whose rope type depends on the file: M-RoPE when {arch}.rope.dimension_sections is set
+# (vision variants), else this pairing (llama_model_rope_type)
+_MROPE_OR = {"glm4": "norm", "glm4moe": "neox", "hunyuan_vl": "neox"}
 
 # Architectures whose RoPE reading RopeSpec.from_gguf reproduces exactly (checked
 # against llama.cpp's graph in tests/test_core_rope_exact.py for llama, qwen2, qwen3,
 # qwen3moe, granite, gemma3 and gpt-oss; qwen2moe builds RoPE exactly like qwen2). Other
 # architectures may have per-layer RoPE rules of their own (NoPE layers, MLA, their
 # own YaRN keys...): from_gguf refuses them unless strict=False.
-VERIFIED_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "granite", "gemma3", "gpt-oss")
+VERIFIED_ARCHS = ("llama", "qwen2", "qwen2moe", "qwen3", "qwen3moe", "granite", "gemma3", "gpt-oss", "phi3",
+                  "olmo2", "glm4", "exaone", "smollm3")
 
-# architectures whose graph passes the rope_freqs / longrope factor tensors to ggml_rope_ext
-_FREQ_FACTOR_ARCHS = ("llama",)
+# architectures whose graph passes llama_model::get_rope_factors (rope_freqs, else LongRoPE's long or
+# short factors) to ggml_rope_ext
+_FREQ_FACTOR_ARCHS = (
+    "llama", "llama4", "deci", "phi3", "minicpm3", "cohere2", "cohere2moe", "deepseek", "exaone", "exaone4",
+    "exaone-moe", "granite", "granitehybrid", "graniteswitch", "granite_swa", "bailingmoe", "arcee",
+    "hunyuan-moe", "hunyuan_vl", "hy_v3", "apertus", "mistral3", "eagle3", "step35", "nanbeige",
+)
+
+
+def _no_rope_layers(arch: str, n_layer: int) -> List[bool]:
+    """Per layer: True where the graph applies no RoPE (NoPE layers). SmolLM3 leaves out RoPE in every
+    4th layer (llama.cpp's n_no_rope_layer_step, fixed to 4 for it); its keys are cached unrotated."""
+    if arch == "smollm3":
+        return [(il + 1) % 4 == 0 for il in range(n_layer)]
+    return [False] * n_layer
 
 _SCALING_TYPES = ("none", "linear", "yarn", "longrope")
 
@@ -520,6 +537,8 @@ def _rope_from_reader(
     arch = shape["arch"]
     n_layer = shape["n_layer"]
     pairing = ROPE_PAIRING.get(arch)
+    if arch in _MROPE_OR:
+        pairing = None if _field(r, f"{arch}.rope.dimension_sections") is not None else _MROPE_OR[arch]
     if pairing is None:
         raise NotImplementedError(
             f"architecture {arch!r}: unknown or M-RoPE rope type; TriAttention supports NORM and NEOX RoPE")
@@ -626,7 +645,9 @@ def _rope_from_reader(
     freq_factors = None
     if arch in _FREQ_FACTOR_ARCHS:
         freq_factors = _tensor(r, "rope_freqs.weight")
-        if freq_factors is None and scaling_train == "longrope":
+        if freq_factors is None:
+            # LongRoPE (Phi-3): whatever the scaling type says, the long factors once the context's
+            # sequence length exceeds the original context, the short ones otherwise
             n_ctx_seq = n_ctx if n_ctx else n_ctx_train
             freq_factors = _tensor(r, "rope_factors_long.weight" if n_ctx_seq > n_ctx_orig_yarn else "rope_factors_short.weight")
         if freq_factors is not None and len(freq_factors) < n_rot_full // 2:
@@ -652,6 +673,7 @@ def _rope_from_reader(
         beta_slow=beta_slow,
         n_ctx_orig=n_ctx_orig,
         freq_factors=freq_factors,
+        rope_layers=[not nope for nope in _no_rope_layers(arch, n_layer)],
         kv_layers=[h > 0 for h in shape["heads_kv"]],
         arch=arch,
         scaling_type=scaling,

@@ -15,7 +15,24 @@ llama.cpp architectures that pytriatt cares about:
   with a separate rope base for the local layers;
 * ``gpt-oss`` - alternating sliding-window and global layers (iSWA cache),
   attention sinks, YaRN rope scaling, q/k/v/o biases and a small mixture of
-  experts (``n_expert``, ``n_expert_used``, ``yarn_factor`` options).
+  experts (``n_expert``, ``n_expert_used``, ``yarn_factor`` options);
+* ``phi3`` - NEOX RoPE with LongRoPE: ``rope_factors_long`` / ``rope_factors_short``
+  tensors (llama.cpp picks the long ones when the context exceeds the original
+  context length), the LongRoPE magnitude in ``rope.scaling.attn_factor`` and a fused
+  gate/up FFN;
+* ``olmo2`` - Q and K RMS norms over the whole projection (not per head),
+  post-attention and post-FFN norms and no pre-norms;
+* ``glm4`` - NORM RoPE over half of each head (partial rotary, as GLM-4 ships),
+  q/k/v biases, post-attention and post-FFN norms, fused gate/up FFN;
+* ``exaone`` - NEOX RoPE, llama-like blocks, optional ``rope_freqs``;
+* ``smollm3`` - llama-like, but every 4th layer has no RoPE (NoPE); it defaults
+  to 4 layers so that layer 3 is a NoPE layer.
+
+``rope_freqs`` (llama, exaone) adds per-band frequency divisors (llama 3's rope
+scaling): ``"llama3"`` computes them as Meta's llama 3 conversion does, an array
+gives them outright. :data:`VARIANTS` names the variants the architecture table
+tests. :func:`write_tiny_deepseek2_gguf` writes a multi-head latent attention
+model (to test the refusal), :func:`write_tiny_mamba_gguf` a recurrent one.
 
 The weights are random but deterministic for a given ``seed``: logits are
 finite and depend on the input, which is all that KV-cache plumbing tests
@@ -45,9 +62,16 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["ARCHS", "write_tiny_gguf", "write_tiny_mamba_gguf", "tiny_vocab"]
+__all__ = ["ARCHS", "VARIANTS", "write_tiny_gguf", "write_tiny_mamba_gguf", "write_tiny_deepseek2_gguf",
+           "tiny_vocab", "llama3_rope_freqs"]
 
-ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "granite", "gemma3", "gpt-oss")
+ARCHS = ("llama", "qwen2", "qwen3", "qwen3moe", "granite", "gemma3", "gpt-oss", "phi3", "olmo2", "glm4",
+         "exaone", "smollm3")
+
+# named variants of an architecture, as rows of docs/architectures.md: name -> (arch, write_tiny_gguf options)
+VARIANTS = {
+    "llama (llama3 rope_freqs)": ("llama", {"rope_freqs": "llama3", "rope_freq_base": 500000.0}),
+}
 
 _DTYPES = ("f32", "f16", "bf16", "q8_0")
 
@@ -130,6 +154,28 @@ def tiny_vocab(vocab_size: Optional[int] = None):
     return tokens, scores, types
 
 
+def llama3_rope_freqs(head_dim: int, base: float, *, factor: float = 8.0, low_freq_factor: float = 1.0,
+                      high_freq_factor: float = 4.0, orig_ctx: int = 8192) -> np.ndarray:
+    """Llama 3's per-band frequency divisors (the ``rope_freqs`` tensor its GGUF conversion writes).
+
+    Bands whose wavelength exceeds ``orig_ctx / low_freq_factor`` are slowed down by ``factor``,
+    those shorter than ``orig_ctx / high_freq_factor`` are kept, and the ones between are blended
+    smoothly: the published rule, so a tiny model's divisors span all three regimes.
+    """
+    freqs = 1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    out = []
+    for f in freqs:
+        wavelen = 2 * np.pi / f
+        if wavelen < orig_ctx / high_freq_factor:
+            out.append(1.0)
+        elif wavelen > orig_ctx / low_freq_factor:
+            out.append(factor)
+        else:
+            smooth = (orig_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
 def _quant_type(dtype: str):
     import gguf
 
@@ -141,7 +187,7 @@ def _quant_type(dtype: str):
     }[dtype]
 
 
-def _add_vocab(w, tokens, scores, types) -> None:
+def add_vocab(w, tokens, scores, types) -> None:
     w.add_tokenizer_model("llama")
     w.add_token_list(tokens)
     w.add_token_scores(scores)
@@ -158,7 +204,7 @@ def write_tiny_gguf(
     path: Union[str, os.PathLike],
     arch: str = "llama",
     *,
-    n_layer: int = 2,
+    n_layer: Optional[int] = None,
     n_embd: int = 64,
     n_head: int = 4,
     n_head_kv: int = 2,
@@ -194,6 +240,13 @@ def write_tiny_gguf(
       local, so n_layer>=2 has both kinds), ``rope_freq_base_swa`` (local layers'
       rope base, default 10000.0), ``final_logit_softcapping`` (float, default
       none). Pass ``sliding_window=0`` for a gemma3 model without SWA.
+    * llama and exaone: ``rope_freqs`` (``"llama3"`` or an array of ``n_rot/2`` divisors;
+      default none): the ``rope_freqs.weight`` tensor.
+    * phi3: ``longrope`` (bool, default True): ``rope_factors_long`` / ``rope_factors_short``
+      tensors, ``original_context_length = n_ctx_train // 4`` and LongRoPE's magnitude
+      ``sqrt(1 + ln 4 / ln(original_context_length))`` as ``rope.scaling.attn_factor``.
+
+    ``n_layer`` defaults to 2 (4 for smollm3, whose every 4th layer has no RoPE).
 
     Returns the path written, as a :class:`pathlib.Path`.
     """
@@ -201,6 +254,8 @@ def write_tiny_gguf(
 
     if arch not in ARCHS:
         raise ValueError(f"unsupported arch {arch!r}; supported: {', '.join(ARCHS)}")
+    if n_layer is None:
+        n_layer = 4 if arch == "smollm3" else 2
     if dtype not in _DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; supported: {', '.join(_DTYPES)}")
     if n_layer < 1:
@@ -213,8 +268,12 @@ def write_tiny_gguf(
         head_dim = n_embd // n_head
     if head_dim % 2:
         raise ValueError("head_dim must be even (RoPE)")
-    if arch == "qwen2" and head_dim * n_head != n_embd:
-        raise ValueError("qwen2 requires head_dim * n_head == n_embd")
+    if arch in ("qwen2", "phi3", "olmo2") and head_dim * n_head != n_embd:
+        raise ValueError(f"{arch} requires head_dim * n_head == n_embd")
+    # GLM-4 rotates half of each head (partial_rotary_factor 0.5 in its conversion)
+    n_rot = head_dim // 2 if arch == "glm4" else head_dim
+    if n_rot % 2:
+        raise ValueError(f"{arch}: the rotary dims ({n_rot}) must be even")
 
     rms_eps = float(extra.pop("rms_eps", 1e-5 if arch == "llama" else 1e-6))
     init_scale = float(extra.pop("init_scale", 1.0))
@@ -229,6 +288,8 @@ def write_tiny_gguf(
     n_expert_used = int(extra.pop("n_expert_used", 2)) if has_moe else 0
     yarn_factor = float(extra.pop("yarn_factor", 4.0)) if arch == "gpt-oss" else 0.0
     softcap = extra.pop("final_logit_softcapping", None) if arch == "gemma3" else None
+    rope_freqs = extra.pop("rope_freqs", None) if arch in ("llama", "exaone") else None
+    longrope = bool(extra.pop("longrope", True)) if arch == "phi3" else False
     if extra:
         raise TypeError(f"unexpected keyword argument(s) for arch {arch!r}: {', '.join(sorted(extra))}")
     if not isinstance(swa_pattern, int):
@@ -243,6 +304,9 @@ def write_tiny_gguf(
                 raise ValueError(f"q8_0 needs input widths that are multiples of 32 (got {width})")
 
     tokens, scores, types = tiny_vocab(vocab_size)
+    if arch == "phi3":
+        # llama.cpp marks Phi-3's special tokens by name when loading its vocabulary: <|endoftext|> must exist
+        tokens, scores, types = tokens + ["<|endoftext|>"], scores + [0.0], types + [_TT_CONTROL]
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
@@ -266,7 +330,7 @@ def write_tiny_gguf(
     w.add_head_count_kv(n_head_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
-    w.add_rope_dimension_count(head_dim)
+    w.add_rope_dimension_count(n_rot)
     w.add_rope_freq_base(float(rope_freq_base))
     w.add_layer_norm_rms_eps(rms_eps)
     if arch == "llama":
@@ -299,8 +363,13 @@ def write_tiny_gguf(
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(yarn_factor)
         w.add_rope_scaling_orig_ctx_len(n_ctx_train // int(yarn_factor))
+    if arch == "phi3" and longrope:
+        # Phi-3's conversion: no scaling type, the original context and LongRoPE's magnitude factor
+        orig = n_ctx_train // 4
+        w.add_rope_scaling_orig_ctx_len(orig)
+        w.add_rope_scaling_attn_factors(float(np.sqrt(1 + np.log(n_ctx_train / orig) / np.log(orig))))
 
-    _add_vocab(w, tokens, scores, types)
+    add_vocab(w, tokens, scores, types)
 
     # ---- tensors (numpy shape is ggml's shape reversed: (out, in)) -------
     def mat(tname: str, n_out: int, n_in: int, std: Optional[float] = None) -> None:
@@ -319,22 +388,39 @@ def write_tiny_gguf(
 
     mat("token_embd.weight", n_vocab, n_embd, std=1.0)
     vec("output_norm.weight", n_embd, 1.0, 0.1)
-    if not tie:
+    if not tie or arch == "olmo2":  # olmo2 requires its own output head
         mat("output.weight", n_vocab, n_embd)
+    if rope_freqs is not None:
+        ff = llama3_rope_freqs(n_rot, rope_freq_base) if isinstance(rope_freqs, str) else rope_freqs
+        if isinstance(rope_freqs, str) and rope_freqs != "llama3":
+            raise ValueError(f"rope_freqs must be 'llama3' or an array, got {rope_freqs!r}")
+        ff = np.asarray(ff, dtype=np.float32).ravel()
+        if ff.size != n_rot // 2:
+            raise ValueError(f"rope_freqs needs n_rot/2 = {n_rot // 2} values, got {ff.size}")
+        w.add_tensor("rope_freqs.weight", ff)
+    if longrope:
+        # long factors > 1 slow the low bands down, short ones stay near 1: the two sets differ everywhere
+        F = n_rot // 2
+        w.add_tensor("rope_factors_long.weight", np.geomspace(1.0, 16.0, F).astype(np.float32))
+        w.add_tensor("rope_factors_short.weight", np.linspace(1.0, 1.5, F).astype(np.float32))
 
     for i in range(n_layer):
         b = f"blk.{i}"
-        vec(f"{b}.attn_norm.weight", n_embd, 1.0, 0.1)
+        if arch != "olmo2":  # olmo2 normalizes after attention and FFN only
+            vec(f"{b}.attn_norm.weight", n_embd, 1.0, 0.1)
         mat(f"{b}.attn_q.weight", q_dim, n_embd)
         mat(f"{b}.attn_k.weight", kv_dim, n_embd)
         mat(f"{b}.attn_v.weight", kv_dim, n_embd)
-        if arch in ("qwen2", "gpt-oss"):
+        if arch in ("qwen2", "gpt-oss", "glm4"):
             vec(f"{b}.attn_q.bias", q_dim, 0.0, 0.5)
             vec(f"{b}.attn_k.bias", kv_dim, 0.0, 0.5)
             vec(f"{b}.attn_v.bias", kv_dim, 0.0, 0.1)
         if arch in ("qwen3", "qwen3moe", "gemma3"):
             vec(f"{b}.attn_q_norm.weight", head_dim, 1.0, 0.1)
             vec(f"{b}.attn_k_norm.weight", head_dim, 1.0, 0.1)
+        if arch == "olmo2":  # over the whole projection, before the heads are split
+            vec(f"{b}.attn_q_norm.weight", q_dim, 1.0, 0.1)
+            vec(f"{b}.attn_k_norm.weight", kv_dim, 1.0, 0.1)
         mat(f"{b}.attn_output.weight", n_embd, q_dim)
         if arch == "gpt-oss":
             vec(f"{b}.attn_output.bias", n_embd, 0.0, 0.1)
@@ -355,13 +441,17 @@ def write_tiny_gguf(
                 a = rng.standard_normal((n_expert, n_out, n_in), dtype=np.float32) * np.float32(init_scale / np.sqrt(n_in))
                 w.add_tensor(f"{b}.ffn_{part}_exps.weight", a)
             continue
-        if arch == "gemma3":
+        if arch in ("gemma3", "olmo2", "glm4"):
             vec(f"{b}.post_attention_norm.weight", n_embd, 1.0, 0.1)
-        vec(f"{b}.ffn_norm.weight", n_embd, 1.0, 0.1)
-        mat(f"{b}.ffn_gate.weight", n_ff, n_embd)
-        mat(f"{b}.ffn_up.weight", n_ff, n_embd)
+        if arch != "olmo2":
+            vec(f"{b}.ffn_norm.weight", n_embd, 1.0, 0.1)
+        if arch in ("phi3", "glm4"):  # gate and up fused in one [2 n_ff] projection
+            mat(f"{b}.ffn_up.weight", 2 * n_ff, n_embd)
+        else:
+            mat(f"{b}.ffn_gate.weight", n_ff, n_embd)
+            mat(f"{b}.ffn_up.weight", n_ff, n_embd)
         mat(f"{b}.ffn_down.weight", n_embd, n_ff)
-        if arch == "gemma3":
+        if arch in ("gemma3", "olmo2", "glm4"):
             vec(f"{b}.post_ffw_norm.weight", n_embd, 1.0, 0.1)
 
     w.write_header_to_file()
@@ -396,7 +486,7 @@ def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_
     w.add_ssm_state_size(d_state)
     w.add_ssm_time_step_rank(dt_rank)
     w.add_layer_norm_rms_eps(1e-5)
-    _add_vocab(w, tokens, scores, types)
+    add_vocab(w, tokens, scores, types)
 
     def t(name: str, *shape: int, base: float = 0.0, std: float = 0.1) -> None:
         w.add_tensor(name, (np.float32(base) + rng.standard_normal(shape, dtype=np.float32) * np.float32(std)))
@@ -415,6 +505,75 @@ def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_
         t(f"{b}.ssm_a", d_inner, d_state, base=-1.0)
         t(f"{b}.ssm_d", d_inner, base=1.0)
         t(f"{b}.ssm_out.weight", n_embd, d_inner)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def write_tiny_deepseek2_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
+                              kv_lora_rank: int = 32, qk_nope: int = 16, qk_rope: int = 16, v_head: int = 16,
+                              n_ff: int = 128, seed: int = 0) -> pathlib.Path:
+    """Write a tiny random-weight DeepSeek-V2 model with multi-head latent attention (MLA).
+
+    Laid out as llama.cpp's conversion writes MLA models: the KV cache holds one latent row
+    per token (``kv_lora_rank`` values plus the ``qk_rope`` RoPE'd dims, one "KV head"),
+    from which every head's key and value are reconstructed (``attn_k_b`` / ``attn_v_b``).
+    All layers are dense (``leading_dense_block_count = n_layer``). It exists to check
+    that what scores per-head keys refuses such a cache, naming why."""
+    import gguf
+
+    tokens, scores, types = tiny_vocab()
+    n_vocab = len(tokens)
+    rng = np.random.default_rng(seed)
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    w.add_name("tiny-deepseek2")
+    w.add_context_length(4096)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(1)                        # the latent is shared by all heads
+    w.add_key_length(kv_lora_rank + qk_rope)      # what one cache row holds
+    w.add_value_length(kv_lora_rank)
+    w.add_key_length_mla(qk_nope + qk_rope)       # a head's key once reconstructed
+    w.add_value_length_mla(v_head)
+    w.add_rope_dimension_count(qk_rope)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_q_lora_rank(0)                          # queries straight from attn_q
+    w.add_kv_lora_rank(kv_lora_rank)
+    w.add_leading_dense_block_count(n_layer)
+    w.add_expert_count(2)
+    w.add_expert_used_count(1)
+    w.add_expert_shared_count(1)
+    w.add_expert_feed_forward_length(n_ff)
+    w.add_vocab_size(n_vocab)
+    add_vocab(w, tokens, scores, types)
+
+    def t(name: str, *shape: int, base: float = 0.0, std: Optional[float] = None) -> None:
+        s = (1.0 / np.sqrt(shape[-1])) if std is None else std
+        w.add_tensor(name, (np.float32(base) + rng.standard_normal(shape, dtype=np.float32) * np.float32(s)))
+
+    t("token_embd.weight", n_vocab, n_embd, std=1.0)
+    t("output_norm.weight", n_embd, base=1.0, std=0.1)
+    t("output.weight", n_vocab, n_embd)
+    for i in range(n_layer):
+        b = f"blk.{i}"
+        t(f"{b}.attn_norm.weight", n_embd, base=1.0, std=0.1)
+        t(f"{b}.attn_kv_a_norm.weight", kv_lora_rank, base=1.0, std=0.1)
+        t(f"{b}.attn_q.weight", n_head * (qk_nope + qk_rope), n_embd)
+        t(f"{b}.attn_kv_a_mqa.weight", kv_lora_rank + qk_rope, n_embd)
+        t(f"{b}.attn_k_b.weight", n_head, kv_lora_rank, qk_nope)   # ggml {qk_nope, kv_lora_rank, n_head}
+        t(f"{b}.attn_v_b.weight", n_head, v_head, kv_lora_rank)    # ggml {kv_lora_rank, v_head, n_head}
+        t(f"{b}.attn_output.weight", n_embd, n_head * v_head)
+        t(f"{b}.ffn_norm.weight", n_embd, base=1.0, std=0.1)
+        t(f"{b}.ffn_gate.weight", n_ff, n_embd)
+        t(f"{b}.ffn_up.weight", n_ff, n_embd)
+        t(f"{b}.ffn_down.weight", n_embd, n_ff)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -10,15 +10,20 @@ for every layer, the input and the output of the GGML_OP_ROPE node named "Kcur-<
 - rotating the captured pre-RoPE keys with the spec's omega_f and s reproduces the
   captured post-RoPE keys (1e-4 relative), layer by layer (Gemma 3: local and global).
 
-Tiny random-weight models cover llama, qwen2, qwen3 and gemma3, plus variants whose
-metadata turn on linear scaling, YaRN and per-band rope_freqs; context overrides are
-checked too. The real models (marked `real`) are smollm2-135m, qwen2.5-0.5b and
-gemma3-270m. (None of these architectures allows partial rotary in llama.cpp's graph;
-partial rotary is checked against a re-implementation of ggml's loop in test_core_rope.py.)
+Besides, the rows each layer writes into its K cache (the SET_ROWS into "cache_k_l<il>") are
+exactly the post-RoPE keys checked; for a layer without RoPE (SmolLM3's NoPE layers), the
+spec says so and the cached keys are the projected keys, unrotated.
+
+Tiny random-weight models cover every architecture of pytriatt.tiny (llama, qwen2, qwen3,
+qwen3moe, granite, gemma3, gpt-oss, phi3 with LongRoPE factors, olmo2, glm4 with partial
+rotary, exaone, smollm3 with NoPE layers), plus variants whose metadata turn on linear
+scaling, YaRN and per-band rope_freqs (llama 3's); context overrides are checked too. The
+real models (marked `real`) are smollm2-135m, qwen2.5-0.5b and gemma3-270m.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -62,17 +67,34 @@ def capture_k_rope(model_path, chunks, **cparams):
     # looked up when the ROPE node runs
     seen: dict = {}
 
+    # what each layer writes into its K cache (the rows of the SET_ROWS into "cache_k_l<il>"), and the
+    # last "Kcur-<il>" node of each layer: the key of a layer without RoPE (NoPE)
+    cached: dict = {}
+    last_k: dict = {}
+
     @lc.ggml_backend_sched_eval_callback
     def cb(ptr, ask, user_data):
         t = _GgmlTensor.from_address(ptr)
         name = t.name.decode()
+        op = lib.ggml_op_desc(ptr)
+        if op == b"SET_ROWS":
+            # ggml_set_rows(cache, rows, idxs) is a view of the cache whose src[0] holds the rows
+            m = re.fullmatch(r"cache_(?:\w+_)?k_l(\d+) \(view\)", name)
+            if m:
+                if not ask:
+                    rows = _read(lib, t.src[0])
+                    cached.setdefault(int(m.group(1)), []).append(rows.reshape(-1, rows.shape[-1]))
+                return True
         if not name.startswith("Kcur"):
             return not ask  # ask: not interested; after compute: keep going
         if ask:
             return True
-        is_rope = lib.ggml_op_desc(ptr) == b"ROPE" and name.startswith("Kcur-")
+        is_rope = op == b"ROPE" and name.startswith("Kcur-")
         if not is_rope:
             seen[t.data] = _read(lib, ptr)
+            m = re.fullmatch(r"Kcur-(\d+)", name)
+            if m and t.ne[2] > 0:
+                last_k[int(m.group(1))] = seen[t.data].reshape(int(t.ne[2]), int(t.ne[1]), int(t.ne[0]))
             return True
         il = int(name.split("-")[1])
         op = list(t.op_params)
@@ -122,14 +144,24 @@ def capture_k_rope(model_path, chunks, **cparams):
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = i == n - 1
             batch.n_tokens = n
+            last_k.clear()
             assert lc.llama_decode(ctx, batch) == 0
+            for il, k in last_k.items():
+                if il in got and got[il]["params"] is not None:
+                    continue  # a RoPE layer: its K was captured at the ROPE node
+                d = got.setdefault(il, dict(pre=[], post=[], pos=[], params=None))
+                d["pre"].append(k)
+                d["post"].append(k)          # no rotation: the key goes to the cache as it is
+                d["pos"].append(np.arange(pos0, pos0 + n))
     finally:
         lc.llama_batch_free(batch)
         lc.llama_free(ctx)
         model.close()
     assert "errors" not in got, got.get("errors")
     return {il: dict(pre=np.concatenate(d["pre"]), post=np.concatenate(d["post"]),
-                     pos=np.concatenate(d["pos"]), params=d["params"]) for il, d in sorted(got.items())}
+                     pos=np.concatenate(d["pos"]), params=d["params"],
+                     cached=np.concatenate(cached[il]) if il in cached else None)
+            for il, d in sorted(got.items())}
 
 
 # --------------------------------------------------------------------------- checks
@@ -140,6 +172,15 @@ def check_exact(spec: RopeSpec, captured, n_layer):
     assert sorted(captured) == list(range(n_layer)), "every layer's K RoPE must be captured"
     for il, c in captured.items():
         rl, p = spec.layer(il), c["params"]
+        # the rows the layer writes into its K cache are the keys checked below (no step between)
+        assert c["cached"] is not None, f"layer {il}: its K cache write was not captured"
+        np.testing.assert_array_equal(c["cached"], c["post"].reshape(len(c["post"]), -1), err_msg=f"layer {il}")
+        if p is None:
+            # a layer without RoPE in the graph: the spec must say so, and its rotation is the identity
+            assert not rl.rope, f"layer {il}: llama.cpp applies no RoPE here, the spec rotates"
+            np.testing.assert_array_equal(spec.rotate(c["pre"], c["pos"], il), c["pre"])
+            continue
+        assert rl.rope, f"layer {il}: llama.cpp applies RoPE here, the spec says NoPE"
         want_mode = _GGML_ROPE_TYPE_NEOX if spec.pairing == "neox" else _GGML_ROPE_TYPE_NORM
         assert (p["n_dims"], p["mode"]) == (rl.n_rot, want_mode), f"layer {il}"
         assert p["freq_base"] == rl.freq_base, f"layer {il}"
@@ -179,7 +220,7 @@ def copy_gguf(src, dst, extra_kv=None, extra_tensors=None):
         else:
             w.add_key_value(f.name, f.contents(), f.types[0])
     for k, (vtype, v) in extra_kv.items():
-        w.add_key_value(k, v, vtype)
+        w.add_key_value(k, v, vtype, sub_type=gguf.GGUFValueType.INT32 if vtype == gguf.GGUFValueType.ARRAY else None)
     for t in r.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     for name, arr in (extra_tensors or {}).items():
@@ -200,7 +241,7 @@ def tiny(tmp_path, arch, **kw):
 # --------------------------------------------------------------------------- tiny models
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "granite"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "qwen3moe", "granite", "olmo2", "exaone"])
 def test_tiny_models(tmp_path, arch):
     path = tiny(tmp_path, arch, n_layer=2, rope_freq_base=50000.0)
     spec = RopeSpec.from_gguf(path)
@@ -257,6 +298,59 @@ def test_tiny_llama_rope_freqs_and_linear_scaling(tmp_path):
     spec = RopeSpec.from_gguf(path)
     np.testing.assert_array_equal(np.float32(spec.layer(1).freq_factors), ff)
     check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+def test_tiny_llama3_rope_freqs(tmp_path):
+    # llama 3's rope_freqs as its conversion computes them: kept, blended and slowed-down bands
+    path = tiny(tmp_path, "llama", rope_freq_base=500000.0, rope_freqs="llama3")
+    spec = RopeSpec.from_gguf(path)
+    ff = np.float32(spec.layer(0).freq_factors)
+    assert ff[0] == 1.0 and ff[-1] == 8.0 and ((ff > 1.0) & (ff < 8.0)).any()
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+def test_tiny_exaone_rope_freqs_with_neox_pairing(tmp_path):
+    path = tiny(tmp_path, "exaone", rope_freq_base=500000.0, rope_freqs="llama3")
+    spec = RopeSpec.from_gguf(path)
+    assert spec.pairing == "neox" and len(spec.layer(1).freq_factors) == 8
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+@pytest.mark.parametrize("n_ctx,factors", [(512, "short"), (2048, "long")])
+def test_tiny_phi3_longrope_factors_follow_the_context(tmp_path, n_ctx, factors):
+    # original context 1024 (n_ctx_train 4096 / 4): llama.cpp takes the long factors past it, the short ones
+    # below, whatever the (absent) scaling type says; the LongRoPE magnitude comes from rope.scaling.attn_factor
+    path = tiny(tmp_path, "phi3", n_ctx_train=4096)
+    spec = RopeSpec.from_gguf(path, n_ctx=n_ctx)
+    r = gguf.GGUFReader(str(path))
+    want = [t for t in r.tensors if t.name == f"rope_factors_{factors}.weight"][0]
+    np.testing.assert_array_equal(np.float32(spec.layer(0).freq_factors), np.asarray(want.data))
+    assert spec.layer(0).attn_factor > 1.0
+    check_exact(spec, capture_k_rope(path, CHUNKS, n_ctx=n_ctx), 2)
+
+
+def test_tiny_glm4_partial_rotary_norm_pairing(tmp_path):
+    # GLM-4 rotates the first half of each head (NORM pairing) and leaves the rest as it is
+    path = tiny(tmp_path, "glm4", head_dim=32, n_embd=64, n_head=4, n_head_kv=2)
+    spec = RopeSpec.from_gguf(path)
+    assert (spec.pairing, spec.head_dim, spec.layer(0).n_rot) == ("norm", 32, 16)
+    check_exact(spec, capture_k_rope(path, CHUNKS), 2)
+
+
+def test_tiny_glm4_with_rope_sections_is_refused_as_mrope(tmp_path):
+    base = tiny(tmp_path, "glm4")
+    path = copy_gguf(base, tmp_path / "mrope.gguf", {
+        "{arch}.rope.dimension_sections": (gguf.GGUFValueType.ARRAY, [4, 4, 0, 0])})
+    with pytest.raises(NotImplementedError, match="glm4.*M-RoPE"):
+        RopeSpec.from_gguf(path)
+
+
+def test_tiny_smollm3_nope_layers_cache_their_keys_unrotated(tmp_path):
+    # every 4th layer (3, 7) has no RoPE: the spec marks it, and the cached key is the pre-RoPE key
+    path = tiny(tmp_path, "smollm3", n_layer=8)
+    spec = RopeSpec.from_gguf(path)
+    assert [spec.layer(il).rope for il in range(8)] == [True, True, True, False] * 2
+    check_exact(spec, capture_k_rope(path, CHUNKS), 8)
 
 
 def test_tiny_context_overrides(tmp_path):
