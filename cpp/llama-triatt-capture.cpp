@@ -11,9 +11,16 @@
 // staged by address, and a ROPE node accumulates the staged copy of its src[0]. The band pairing and
 // the number of rotary dims come from the ROPE node's own parameters.
 //
+// A layer without RoPE (NoPE, triatt_layer_has_rope) has no ROPE node: its query is the last
+// "Qcur-<il>" node shaped [head_dim, n_head, n_tokens], taken once the graph has moved on to another
+// layer (or when the statistics are read), with the model's pairing over its n_rot dims. Its
+// statistics are the same E[q_f] and E|q_f|, which the distance-free NoPE score uses.
+//
 // Compiled into libllama only (it needs ggml); declared in llama.h by the pytriatt patch.
 
 #include "llama.h"
+#include "llama-model.h"
+#include "llama-triatt-policy.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -47,6 +54,16 @@ struct llama_triatt_capture {
 
     int32_t n_missed = 0; // ROPE nodes whose input was not staged (should stay 0)
     std::string error;
+
+    // NoPE layers: which layers have no RoPE, the model's pairing and rotary dims, and the last
+    // query node of the NoPE layer being computed (accumulated when the graph leaves the layer)
+    std::vector<uint8_t> nope;
+    std::vector<int32_t> n_rot;
+    bool neox = false;
+    int32_t pending_il = -1;
+    std::vector<float> pending_q;
+    int32_t pending_head_dim = 0;
+    int64_t pending_tokens = 0;
 };
 
 static bool triatt_is_qcur(const ggml_tensor * t) {
@@ -91,20 +108,14 @@ static bool triatt_stage(llama_triatt_capture * cap, const ggml_tensor * t, std:
     return true;
 }
 
-static void triatt_accumulate(llama_triatt_capture * cap, const ggml_tensor * rope, const std::vector<float> & q) {
-    const int32_t il = triatt_layer_of(rope);
-    const ggml_tensor * src = rope->src[0];
-    const int32_t head_dim = (int32_t) src->ne[0];
-    const int32_t n_head   = (int32_t) src->ne[1];
-    const int64_t n_tokens = src->ne[2] * src->ne[3];
-    const int32_t n_rot    = ((const int32_t *) rope->op_params)[1];
-    const int32_t mode     = ((const int32_t *) rope->op_params)[2];
-
-    if (il < 0 || il >= cap->n_layer || n_head != cap->n_head || n_rot <= 0 || n_rot > head_dim || n_rot % 2) {
+// adds n_tokens queries [n_tokens][n_head][head_dim] of layer il to its sums, bands paired over n_rot dims
+static void triatt_accumulate(llama_triatt_capture * cap, int32_t il, int32_t head_dim, int32_t n_head,
+                              int64_t n_tokens, int32_t n_rot, bool neox, const std::vector<float> & q) {
+    if (il < 0 || il >= cap->n_layer || n_head != cap->n_head || n_rot <= 0 || n_rot > head_dim || n_rot % 2 ||
+        (int64_t) q.size() != n_tokens * n_head * head_dim) {
         cap->n_missed++;
         return;
     }
-    const bool neox = (mode & GGML_ROPE_TYPE_NEOX) != 0;
     const int32_t n_freq = n_rot / 2;
 
     auto & ls = cap->layers[il];
@@ -139,6 +150,23 @@ static void triatt_accumulate(llama_triatt_capture * cap, const ggml_tensor * ro
     ls.n_tokens += (uint64_t) n_tokens;
 }
 
+static void triatt_accumulate_rope(llama_triatt_capture * cap, const ggml_tensor * rope, const std::vector<float> & q) {
+    const ggml_tensor * src = rope->src[0];
+    const int32_t mode = ((const int32_t *) rope->op_params)[2];
+    triatt_accumulate(cap, triatt_layer_of(rope), (int32_t) src->ne[0], (int32_t) src->ne[1], src->ne[2] * src->ne[3],
+                      ((const int32_t *) rope->op_params)[1], (mode & GGML_ROPE_TYPE_NEOX) != 0, q);
+}
+
+// the query of the NoPE layer the graph just left
+static void triatt_flush_nope(llama_triatt_capture * cap) {
+    if (cap->pending_il >= 0) {
+        const int32_t il = cap->pending_il;
+        triatt_accumulate(cap, il, cap->pending_head_dim, cap->n_head, cap->pending_tokens, cap->n_rot[il], cap->neox,
+                          cap->pending_q);
+        cap->pending_il = -1;
+    }
+}
+
 struct llama_triatt_capture * llama_triatt_capture_init(const struct llama_model * model) {
     if (!model) {
         return nullptr;
@@ -147,6 +175,13 @@ struct llama_triatt_capture * llama_triatt_capture_init(const struct llama_model
     cap->n_layer = llama_model_n_layer(model);
     cap->n_head  = llama_model_n_head(model);
     cap->layers.resize(cap->n_layer);
+    cap->nope.resize(cap->n_layer);
+    cap->n_rot.resize(cap->n_layer);
+    cap->neox = llama_model_rope_type(model) == LLAMA_ROPE_TYPE_NEOX;
+    for (int32_t il = 0; il < cap->n_layer; ++il) {
+        cap->nope[il]  = !triatt_layer_has_rope(*model, il);
+        cap->n_rot[il] = (int32_t) model->hparams.n_rot(il);
+    }
     return cap;
 }
 
@@ -162,13 +197,26 @@ bool llama_triatt_capture_cb_eval(struct ggml_tensor * t, bool ask, void * user_
     if (ask) {
         return true; // observe it: the scheduler computes up to this node and calls us again
     }
+    const int32_t il = triatt_layer_of(t);
+    if (cap->pending_il >= 0 && il != cap->pending_il) {
+        triatt_flush_nope(cap); // the graph moved on to another layer
+    }
+    if (il >= 0 && il < cap->n_layer && cap->nope[il]) {
+        // a NoPE layer: keep its latest query node of the right shape (views of the projection come last)
+        if (t->ne[1] == cap->n_head && t->ne[0] % 2 == 0 && triatt_stage(cap, t, cap->pending_q)) {
+            cap->pending_il       = il;
+            cap->pending_head_dim = (int32_t) t->ne[0];
+            cap->pending_tokens   = t->ne[2] * t->ne[3];
+        }
+        return true;
+    }
     if (t->op == GGML_OP_ROPE) {
         const ggml_tensor * src = t->src[0];
         auto it = cap->staged.find(src->data);
         if (it == cap->staged.end() || (int64_t) it->second.size() != ggml_nelements(src)) {
             cap->n_missed++;
         } else {
-            triatt_accumulate(cap, t, it->second);
+            triatt_accumulate_rope(cap, t, it->second);
         }
         cap->staged.clear();
         return true;
@@ -180,19 +228,28 @@ bool llama_triatt_capture_cb_eval(struct ggml_tensor * t, bool ask, void * user_
     return true;
 }
 
+// the readers take a const capture (llama.h); the last NoPE layer's query is still pending after a decode,
+// so they complete it first (the capture is always created mutable by llama_triatt_capture_init)
+static const llama_triatt_capture * triatt_complete(const llama_triatt_capture * cap) {
+    if (cap) {
+        triatt_flush_nope(const_cast<llama_triatt_capture *>(cap));
+    }
+    return cap;
+}
+
 int32_t llama_triatt_capture_n_freq(const struct llama_triatt_capture * cap) {
-    return cap ? cap->n_freq : -1;
+    return triatt_complete(cap) ? cap->n_freq : -1;
 }
 
 int32_t llama_triatt_capture_n_missed(const struct llama_triatt_capture * cap) {
-    return cap ? cap->n_missed : -1;
+    return triatt_complete(cap) ? cap->n_missed : -1;
 }
 
 int64_t llama_triatt_capture_get(
         const struct llama_triatt_capture * cap,
         double * mean_re, double * mean_im, double * abs_mean,
         uint64_t * n_tokens, int32_t n_freq) {
-    if (!cap || n_freq < cap->n_freq) {
+    if (!triatt_complete(cap) || n_freq < cap->n_freq) {
         return -1;
     }
     const size_t n = (size_t) cap->n_layer * cap->n_head * n_freq;

@@ -193,6 +193,26 @@ llama_kv_policy::~llama_kv_policy() {
     triatt_selector_free(selector);
 }
 
+bool triatt_layer_has_rope(const llama_model & model, int32_t il) {
+    const auto & hp = model.hparams;
+    if (!hp.has_rope((uint32_t) il)) {
+        return false;
+    }
+    // the architectures whose graph skips RoPE by n_no_rope_layer_step (each reads it its own way)
+    const uint32_t step = hp.n_no_rope_layer_step;
+    switch (model.arch) {
+        case LLM_ARCH_SMOLLM3:
+            return step == 0 || (il + 1) % step != 0;
+        case LLM_ARCH_LLAMA4:
+        case LLM_ARCH_AFMOE:
+            return step > 0 && (il + 1) % step != 0;
+        case LLM_ARCH_SMALLTHINKER:
+            return step == hp.n_layer() || step == 0 || il % step != 0;
+        default:
+            return true;
+    }
+}
+
 static const char * triatt_policy_name(llama_kv_policy_type type) {
     switch (type) {
         case LLAMA_KV_POLICY_FULL:      return "full";
@@ -244,6 +264,18 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     }
     for (uint32_t il : kv->get_layer_ids()) {
         layers.push_back((int32_t) il);
+    }
+    if (p.shift) {
+        // llama.cpp's K-shift rotates every layer its rope_pattern marks, NoPE layers included for some
+        // architectures (SmolLM3): a shift would rotate keys that were cached unrotated
+        for (int32_t il : layers) {
+            if (!triatt_layer_has_rope(model, il)) {
+                error = std::string("KV policy: shift cannot be used on this model (") + llm_arch_name(model.arch) +
+                        "): layer " + std::to_string(il) + " has no RoPE (NoPE), and re-rotating shifted keys would "
+                        "rotate its unrotated keys; keep the gaps (shift off)";
+                return false;
+            }
+        }
     }
     n_head     = (int32_t) hp.n_head(0);
     n_head_kv  = (int32_t) hp.n_head_kv(0);
@@ -319,6 +351,7 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     }
     for (int32_t il = 0; il < calib.n_layer; ++il) {
         triatt_rope_layer & rl = calib.rope[il];
+        rl.rope        = triatt_layer_has_rope(model, il); // NoPE: omega = 0, the distance-free score
         rl.n_rot       = (int32_t) hp.n_rot(il);
         rl.freq_base   = model.get_rope_freq_base(cparams, il);
         rl.freq_scale  = model.get_rope_freq_scale(cparams, il);

@@ -29,6 +29,11 @@ class llama_kv_cells;
 // the context's backend that can compute on t's buffer (where t lives), or null
 ggml_backend_t triatt_backend_of(llama_context & ctx, const ggml_tensor * t);
 
+// whether the graph rotates layer il's queries and keys (false for NoPE layers: SmolLM3's and
+// Llama 4's every n_no_rope_layer_step-th layer, AFMoE's, SmallThinker's, and layers whose
+// rope_pattern entry is 0); shared by the policy and the calibration capture
+bool triatt_layer_has_rope(const llama_model & model, int32_t il);
+
 struct llama_kv_policy {
     llama_kv_policy_params params;
     llama_kv_policy_stats  total = {}; // all sequences since the policy was attached
