@@ -37,6 +37,8 @@ __all__ = [
     "model_summary",
     "info_report",
     "format_info",
+    "support_report",
+    "format_support",
     "distance_curve",
     "pick_heads",
     "plot_calibration",
@@ -253,20 +255,101 @@ def model_summary(path_or_reader) -> Dict[str, Any]:
         context_length=k("context_length"),
         sliding_window=k("attention.sliding_window"),
     )
-    if int(k("attention.kv_lora_rank", 0) or 0) > 0:
-        out.update(supported=False, unsupported_reason=(
-            f"architecture {arch!r} uses multi-head latent attention (MLA): its cache holds a compressed latent, "
-            f"not per-head keys, so tri and snapkv cannot score it; streaming and random still apply"))
-    elif out["rope_type"] in ("none", "unknown"):
-        out.update(supported=False, unsupported_reason=(
-            f"architecture {arch!r} does not use RoPE" if out["rope_type"] == "none"
-            else f"architecture {arch!r}: unknown rope type"))
-    elif arch not in core.VERIFIED_ARCHS:
-        out.update(supported=True, note=f"RoPE reading not verified for {arch!r} "
-                                        f"(verified: {', '.join(core.VERIFIED_ARCHS)})")
-    else:
-        out["supported"] = True
+    out.update(_support(r, arch, out))
     return out
+
+
+def _support(r, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]:
+    """Whether TriAttention applies to the model and why not (``supported``, ``unsupported_reason``), and
+    what a user should know about how it is scored (``notes``; ``note`` joins them): the answers of
+    docs/architectures.md for one file."""
+    from . import core
+
+    k = lambda name, default=None: core._scalar(r, f"{arch}.{name}", default)  # noqa: E731
+    if arch in core._MROPE_OR:
+        summary["rope_type"] = "mrope" if k("rope.dimension_sections") is not None else core._MROPE_OR[arch]
+    rope_type = summary["rope_type"]
+    if int(k("attention.kv_lora_rank", 0) or 0) > 0:
+        return dict(supported=False, unsupported_reason=(
+            f"architecture {arch!r} uses multi-head latent attention (MLA): its cache holds a compressed latent, "
+            f"not per-head keys, so tri and snapkv cannot score it and are refused; streaming and random still "
+            f"apply"))
+    if rope_type == "none":
+        return dict(supported=False, unsupported_reason=f"architecture {arch!r} does not use RoPE: the TriAttention "
+                                                         f"score needs rotary keys")
+    if rope_type == "mrope":
+        return dict(supported=False, unsupported_reason=(
+            f"architecture {arch!r} with {arch}.rope.dimension_sections uses M-RoPE (multi-axis positions, vision "
+            f"models): the scorer handles NORM and NEOX RoPE only"))
+    if rope_type == "unknown":
+        return dict(supported=False, unsupported_reason=f"architecture {arch!r}: unknown rope type (not NORM or "
+                                                         f"NEOX in this llama.cpp)")
+    notes: List[str] = []
+    n_layer, head_dim, n_rot = summary.get("n_layer") or 0, summary.get("head_dim"), summary.get("n_rot")
+    nope = [il for il, no in enumerate(core._no_rope_layers(arch, n_layer)) if no]
+    if nope:
+        shown = ", ".join(map(str, nope[:6])) + (", ..." if len(nope) > 6 else "")
+        notes.append(f"{'layer' if len(nope) == 1 else 'layers'} {shown} {'has' if len(nope) == 1 else 'have'} no RoPE (NoPE): scored by the distance-free term (docs/method.md); "
+                     f"shift is refused")
+    if arch in ("llama4", "afmoe", "smallthinker"):
+        notes.append("this architecture skips RoPE in some layers (NoPE) and its RoPE reading is not verified")
+    if arch in core._FREQ_FACTOR_ARCHS:
+        names = {t.name for t in r.tensors}
+        if "rope_freqs.weight" in names:
+            notes.append("per-band rope_freqs (llama 3 style scaling): applied to the scoring frequencies")
+        elif {"rope_factors_long.weight", "rope_factors_short.weight"} & names:
+            orig = k("rope.scaling.original_context_length", k("context_length"))
+            notes.append(f"LongRoPE: llama.cpp uses the long factors when the context's sequence length exceeds "
+                         f"{orig}, the short ones otherwise; the policy scores with the same ones")
+    if head_dim and n_rot and n_rot < head_dim:
+        notes.append(f"partial rotary ({n_rot} of {head_dim} dims): only the rotary dims are scored")
+    if arch not in core.VERIFIED_ARCHS:
+        notes.append(f"RoPE reading not verified for {arch!r} (verified: {', '.join(core.VERIFIED_ARCHS)}); "
+                     f"the C++ policy takes its RoPE from llama.cpp itself")
+    out: Dict[str, Any] = dict(supported=True)
+    if notes:
+        out.update(notes=notes, note="; ".join(notes))
+    return out
+
+
+def support_report(path) -> Dict[str, Any]:
+    """``pytriatt doctor MODEL``: does TriAttention apply to this GGUF, how is it scored, and why not.
+
+    ``{"file", "architecture", "supported", "reason" (when not), "notes", "policies"}``: ``policies``
+    says per policy whether it attaches (``"yes"``) or why not; the answers follow
+    docs/architectures.md (refusals are those the C++ policy makes at attach).
+    """
+    from . import core
+
+    m = model_summary(core._reader(path))
+    arch = m.get("architecture") or "?"
+    rep: Dict[str, Any] = {"file": str(path), "architecture": arch, "supported": bool(m.get("supported")),
+                           "notes": list(m.get("notes") or [])}
+    if arch in ("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"):
+        why = f"{arch} keeps a recurrent state, not a KV cache of tokens: token eviction does not apply"
+        rep.update(supported=False, reason=why, policies={p: why for p in ("tri", "snapkv", "streaming", "random")})
+        return rep
+    if not rep["supported"]:
+        rep["reason"] = m.get("unsupported_reason")
+        if "latent attention" in (rep["reason"] or ""):
+            why = "MLA: the cache holds a compressed latent shared by the heads, no per-head keys to score"
+            rep["policies"] = {"tri": why, "snapkv": why, "streaming": "yes", "random": "yes"}
+        else:
+            rep["policies"] = {"tri": rep["reason"], "snapkv": "yes", "streaming": "yes", "random": "yes"}
+        return rep
+    rep["policies"] = {p: "yes" for p in ("tri", "snapkv", "streaming", "random")}
+    return rep
+
+
+def format_support(rep: Dict[str, Any]) -> str:
+    """The text of a :func:`support_report`."""
+    lines = [f"model           {rep['file']}", f"architecture    {rep['architecture']}",
+             f"TriAttention    {'supported' if rep['supported'] else 'not applicable: ' + str(rep['reason'])}"]
+    for note in rep["notes"]:
+        lines.append(f"  note          {note}")
+    for p, v in rep["policies"].items():
+        lines.append(f"  {p:<13} {v if v == 'yes' else 'refused: ' + v}")
+    return "\n".join(lines)
 
 
 def calibrate_command(model_arg: str) -> str:
@@ -345,8 +428,9 @@ def format_info(rep: Dict[str, Any]) -> str:
         lines.append(f"layers        {m['n_layer']}")
     if not m.get("supported", True):
         lines.append(f"TriAttention  not applicable: {m['unsupported_reason']}")
-    elif m.get("note"):
-        lines.append(f"note          {m['note']}")
+    else:
+        for i, note in enumerate(m.get("notes") or ([m["note"]] if m.get("note") else [])):
+            lines.append(f"{'note' if i == 0 else '':<14}{note}")
     cal = rep["calibration"]
     lines.append("")
     if cal is None:
