@@ -33,35 +33,12 @@ from typing import Optional
 
 import numpy as np
 
+from .calibrate import ensure_calibrated
+from .errors import UserError
+from .policy import EVICTING, KV_CACHE_TYPES
+
 # bytes per element of the K/V cache types (ggml_type_size / ggml_blck_size)
-TYPE_BYTES = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32), "q4_0": (18, 32)}
-EVICTING = ("tri", "streaming", "random", "snapkv")
 
-HELP = """\
-Measure decode speed, scoring cost and KV memory of KV eviction policies against full attention,
-in one run, on one model.
-
-For each policy and position P: prefill to P with the policy attached (it evicts during the
-prefill), then time --window single-token decode steps at P. Reported: decode tok/s, prefill tok/s,
-the policy's scoring + eviction time as a share of decode time, the KV bytes llama.cpp allocated,
-peak host RSS, and policy/full ratios -- among them the target metric "tok/s at P vs full at
-position = budget" (full is also measured at the budget position for that).
-
-POLICY specs: full, tri, streaming, random (snapkv where the build has it); "+shift" compacts
-positions after each round (builds with the shift mode); "+head" / "+layer" evict per KV head (of
-each layer), e.g. tri+head; ":TYPE" sets that policy's K/V cache type, e.g. tri:q8_0 (default:
--ctk/-ctv).
-
-examples:
-  pytriatt bench qwen2.5-0.5b --budget 512 --positions 512,8192
-  pytriatt bench qwen2.5-0.5b --budget 512 --positions 512,8192 --policies full,tri,tri:q8_0 --json
-  pytriatt bench model.gguf --budget 2048 --positions 2048,32768 -ngl 99 --parallel auto --plot tps.png
-  pytriatt bench smollm2-135m --budget 256 --positions 256,2048 --policies full,streaming
-
-tri needs a calibrated model: without triattention.* metadata (and without --calib) a small
-calibration (--calib-tokens) is run once and cached under $PYTRIATT_CACHE/bench, keyed by the
-model's sha256 -- enough to measure speed, not quality.
-"""
 
 
 class _Log:
@@ -107,7 +84,7 @@ def parse_kv_log(text: str) -> dict:
 
 
 def row_bytes(type_name: str, n: int) -> int:
-    size, block = TYPE_BYTES[type_name]
+    _, size, block = KV_CACHE_TYPES[type_name]
     if n % block:
         raise ValueError(f"a {type_name} cache row of {n} values is not a whole number of blocks of {block}")
     return n // block * size
@@ -174,70 +151,28 @@ class PolicySpec:
 
 
 def parse_policies(text: str, type_k: str, type_v: str) -> list:
-    from .cli import CliError
     out, seen = [], set()
     for item in [s.strip() for s in text.split(",") if s.strip()]:
         base, _, ctype = item.partition(":")
         policy, _, mod = base.partition("+")
         if policy not in ("full",) + EVICTING:
-            raise CliError(f"--policies: unknown policy {policy!r} (known: full, {', '.join(EVICTING)})")
+            raise UserError(f"--policies: unknown policy {policy!r} (known: full, {', '.join(EVICTING)})")
         if mod not in ("", "shift", "head", "layer"):
-            raise CliError(f"--policies: unknown modifier +{mod} in {item!r} (known: +shift, +head, +layer)")
+            raise UserError(f"--policies: unknown modifier +{mod} in {item!r} (known: +shift, +head, +layer)")
         if mod and policy == "full":
-            raise CliError(f"--policies: full attention evicts nothing, so +{mod} does not apply to it")
+            raise UserError(f"--policies: full attention evicts nothing, so +{mod} does not apply to it")
         if mod in ("head", "layer") and policy not in ("tri", "snapkv"):
-            raise CliError(f"--policies: {item}: per-head eviction (+{mod}) is for tri and snapkv")
-        if ctype and ctype not in TYPE_BYTES:
-            raise CliError(f"--policies: unknown cache type {ctype!r} in {item!r} (known: {', '.join(TYPE_BYTES)})")
+            raise UserError(f"--policies: {item}: per-head eviction (+{mod}) is for tri and snapkv")
+        if ctype and ctype not in KV_CACHE_TYPES:
+            raise UserError(f"--policies: unknown cache type {ctype!r} in {item!r} (known: {', '.join(KV_CACHE_TYPES)})")
         if item in seen:
-            raise CliError(f"--policies: {item} is listed twice")
+            raise UserError(f"--policies: {item} is listed twice")
         seen.add(item)
         out.append(PolicySpec(item, policy, mod == "shift", ctype or type_k, ctype or type_v,
                               mod if mod in ("head", "layer") else None))
     if not out:
-        raise CliError("--policies is empty; e.g. --policies full,tri")
+        raise UserError("--policies is empty; e.g. --policies full,tri")
     return out
-
-
-def write_calibration_sidecar(model_path: Path, cal, dst: Path) -> Path:
-    """A GGUF that holds only metadata: the model's architecture and name and the triattention.* statistics.
-
-    The policy reads its statistics from any GGUF whose architecture and name match the model's
-    (calib_path), so a speed calibration need not copy the model (8.7 GB for Qwen3-8B Q8_0)."""
-    import struct
-
-    from . import gguf_io
-    hdr = gguf_io.read_header(model_path)
-    fields = {k: hdr.get(k) for k in ("general.architecture", "general.name") if hdr.get(k) is not None}
-    fields.update(cal.gguf_fields())
-    kvs = [gguf_io.encode_value(k, v) for k, v in fields.items()]
-    data = gguf_io.MAGIC + struct.pack("<IQQ", 3, 0, len(kvs)) + b"".join(kvs)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, dst)
-    return dst
-
-
-def calibrated_copy(path: Path, *, tokens: int, n_gpu_layers: int = 0, progress: bool = True) -> Path:
-    """The model itself if it carries triattention.* statistics; else a statistics-only GGUF from a small
-    calibration (write_calibration_sidecar), cached under $PYTRIATT_CACHE/bench by the model's sha256."""
-    from . import gguf_io, models
-    from .calibrate import calibrate
-    path = Path(path)
-    if gguf_io.has_prefix(path, "triattention."):
-        return path
-    if progress:
-        print(f"bench: {path.name} carries no TriAttention calibration; hashing it to look for a cached one",
-              file=sys.stderr)
-    dst = models.cache_dir() / "bench" / f"{path.stem}-{models.sha256_file(path)[:16]}-{tokens}.calib.gguf"
-    if dst.is_file():
-        return dst
-    if progress:
-        print(f"bench: calibrating {path.name} on {tokens} tokens (once; cached as {dst})", file=sys.stderr)
-    cal, _ = calibrate(path, max_tokens=tokens, n_ctx=min(tokens, 2048), n_gpu_layers=n_gpu_layers,
-                       progress=progress)
-    return write_calibration_sidecar(path, cal, dst)
 
 
 def text_tokens(model, n: int) -> list:
@@ -506,7 +441,7 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
                              f"than window x repeat + 1 = {span} tokens; space them further or shorten --window")
     lc = _llama.require_patched("kv policy")
     if any(p.policy == "tri" for p in policies) and calib is None:
-        calib = calibrated_copy(model_path, tokens=calib_tokens, n_gpu_layers=n_gpu_layers, progress=progress)
+        calib = ensure_calibrated(model_path, tokens=calib_tokens, n_gpu_layers=n_gpu_layers, progress=progress)
 
     model = Model(model_path, n_gpu_layers=n_gpu_layers)
     log = _Log(lc)
@@ -692,6 +627,14 @@ def format_report(rep: dict) -> str:
         lines.append(f"{name:<14}{s['prefill_tok_s'] or 0:>14.1f}{s['n_rounds_total']:>8}{s['score_ms_total']:>10.1f}"
                      f"{s['evict_ms_total']:>10.1f}{_mib(s['kv_bytes_allocated']):>13}"
                      f"{_mib(s['kv_bytes_log']) + chk:>9}{_mib(s['peak_rss_bytes']):>13}")
+    if any(s["peak_rss_bytes"] is None for s in rep["policies"].values()):
+        lines.append(f"  (peak RSS per policy needs --sequential: interleaved policies share one process, whose peak "
+                     f"was {_mib(rep.get('peak_rss_bytes'))} MiB)")
+    idle = sorted({f"{r['policy']}@{r['position']}" for r in rep["rows"] if not r["policy"].startswith("full")
+                   and r["position"] >= rep["budget"] and r["n_rounds"] == 0})
+    if idle:
+        lines.append(f"  (score% is 0 where no eviction round fell in the timed window ({', '.join(idle)}): a "
+                     f"--window of at least --interval ({rep['interval']}) times one round per window)")
     if rep["ratios"]:
         lines.append("")
         lines.append(f"{'policy':<14}{'position':>9}{'vs full@budget':>15}{'vs full@pos':>12}{'KV full/pol':>12}"
@@ -719,8 +662,8 @@ def format_report(rep: dict) -> str:
 
 
 def plot_report(rep: dict, out: Path) -> None:
-    from .modelinfo import _require_matplotlib
-    plt = _require_matplotlib()
+    from .modelinfo import require_matplotlib
+    plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in rep["policies"]:
         rows = [r for r in rep["rows"] if r["policy"] == name]
@@ -738,111 +681,3 @@ def plot_report(rep: dict, out: Path) -> None:
     plt.close(fig)
 
 
-def _int_list(text: str) -> list:
-    from .cli import CliError
-    try:
-        vals = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CliError(f"--positions takes comma-separated integers, e.g. 2048,8192 (got {text!r})") from None
-    if not vals:
-        raise CliError("--positions is empty")
-    return vals
-
-
-def cmd_bench(args) -> int:
-    from .cli import CliError, _print_json, check_gguf, resolve_model
-    path = resolve_model(args.model)
-    for flag, v in (("--budget", args.budget), ("--window", args.window), ("--repeat", args.repeat),
-                    ("--interval", args.interval), ("--n-batch", args.n_batch)):
-        if v < 1:
-            raise CliError(f"{flag} must be positive")
-    policies = parse_policies(args.policies, args.cache_type_k, args.cache_type_v or args.cache_type_k)
-    if args.calib:
-        calib = Path(args.calib).expanduser()
-        if not calib.is_file():
-            raise CliError(f"--calib {calib}: no such file")
-        check_gguf(calib)
-    else:
-        calib = None
-    parallel = args.parallel
-    if parallel is not None and parallel != "auto":
-        try:
-            parallel = int(parallel)
-        except ValueError:
-            raise CliError(f"--parallel takes a number of sequences or 'auto' (got {parallel!r})") from None
-        if parallel < 1:
-            raise CliError("--parallel must be at least 1")
-    if args.plot:
-        out = Path(args.plot).expanduser()
-        if not out.parent.is_dir():
-            raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
-        from .modelinfo import _require_matplotlib
-        try:
-            _require_matplotlib()
-        except ImportError as e:
-            raise CliError(str(e)) from None
-    rep = run_bench(path, budget=args.budget, positions=_int_list(args.positions), policies=policies,
-                    window=args.window, repeat=args.repeat, interval=args.interval, n_batch=args.n_batch,
-                    sink=args.sink, threads=args.threads, score_threads=args.score_threads,
-                    n_gpu_layers=args.n_gpu_layers, calib=calib, calib_tokens=args.calib_tokens,
-                    parallel=parallel, parallel_position=args.parallel_position, kv_unified=args.kv_unified,
-                    interleave=not args.sequential, progress=not args.quiet)
-    if args.plot:
-        plot_report(rep, Path(args.plot).expanduser())
-        rep["plot"] = str(Path(args.plot).expanduser())
-    if args.json:
-        _print_json(rep)
-    else:
-        print(format_report(rep))
-        if args.plot:
-            print(f"wrote {rep['plot']}")
-    return 0
-
-
-def add_parser(sub) -> None:
-    from .cliargs import add_model_argument
-    import argparse
-    p = sub.add_parser("bench", help="decode speed, scoring cost and KV memory of eviction policies vs full attention",
-                       description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_argument(p)
-    p.add_argument("--budget", type=int, default=2048, help="KV tokens an evicting policy keeps (default 2048)")
-    p.add_argument("--positions", default="2048,8192,32768",
-                   help="comma-separated positions to measure decode speed at (default 2048,8192,32768)")
-    p.add_argument("--policies", default="full,tri",
-                   help="comma-separated POLICY[+shift][:TYPE] specs (default full,tri); see above")
-    p.add_argument("--window", type=int, default=128,
-                   help="decode steps timed at each position (default 128 = the default interval: an evicting "
-                        "policy's window then holds exactly one round, so its cost is amortized as in use)")
-    p.add_argument("--repeat", type=int, default=1,
-                   help="windows per position, alternating between the policies; rates are over their total time "
-                        "(default 1; on a busy machine use short windows and many repeats)")
-    p.add_argument("--interval", type=int, default=128, help="evict once budget + interval tokens are cached")
-    p.add_argument("--sink", type=int, default=4, help="never evict the first N tokens (default 4)")
-    p.add_argument("-b", "--n-batch", type=int, default=512,
-                   help="prefill batch size (default 512); an evicting policy's context holds "
-                        "budget + max(interval, n_batch) cells, rounded up to 256")
-    p.add_argument("-ctk", "--cache-type-k", default="f16", choices=sorted(TYPE_BYTES), help="K cache type (default f16)")
-    p.add_argument("-ctv", "--cache-type-v", default=None, choices=sorted(TYPE_BYTES),
-                   help="V cache type (default: the K type)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU (99: all)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--score-threads", type=int, default=0, help="tri: scoring threads (default 0 = --threads)")
-    p.add_argument("--parallel", metavar="N|auto",
-                   help="also decode N sequences of the first evicting policy together in one context and compare "
-                        "their aggregate tok/s with one full sequence at the largest position; auto: as many as "
-                        "fit in that full sequence's KV memory")
-    p.add_argument("--parallel-position", type=int, default=None,
-                   help="position the parallel sequences are brought to (default 4 x budget: past a few rounds "
-                        "a step's cost no longer depends on the position)")
-    p.add_argument("--kv-unified", action="store_true",
-                   help="parallel: one KV stream shared by all sequences (default: one stream per sequence)")
-    p.add_argument("--calib", help="tri: GGUF carrying this model's triattention.* statistics")
-    p.add_argument("--calib-tokens", type=int, default=2048,
-                   help="tri, uncalibrated model: tokens of the cached speed-only calibration (default 2048)")
-    p.add_argument("--sequential", action="store_true",
-                   help="run the policies one after another (per-policy peak RSS) instead of interleaving them "
-                        "position by position (ratios robust to changing machine load; one process-wide peak RSS)")
-    p.add_argument("--plot", metavar="PNG", help="draw decode tok/s against position per policy (needs matplotlib)")
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
-    p.set_defaults(func=cmd_bench)

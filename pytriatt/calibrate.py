@@ -21,6 +21,10 @@ import numpy as np
 from . import _llama
 
 DEFAULT_SOURCE = "pydoc_data.topics"
+# the calibration run, serve, eval and bench make when a model has none: one size, one cache
+# (ensure_calibrated). smollm2-135m takes about a minute for it on 2 CPU cores; `pytriatt calibrate`
+# uses the paper's 32768 tokens.
+QUICK_TOKENS = 8192
 
 
 def default_text() -> str:
@@ -147,11 +151,8 @@ def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_S
         raise ValueError("--tokens must be positive")
     if n_ctx < 16:
         raise ValueError("--ctx must be at least 16")
-    from .core import _reader
-
-    header = _reader(model_path)   # parsed once (after a bounds-checked look): the RoPE and the fingerprint read it
-    rope = RopeSpec.from_gguf(header)   # refuses architectures without a supported RoPE, clearly
-    fingerprint = model_fingerprint(header)
+    rope = RopeSpec.from_gguf(model_path)   # refuses architectures without a supported RoPE, clearly
+    fingerprint = model_fingerprint(model_path)
     model = Model(model_path, n_gpu_layers=n_gpu_layers)
     try:
         if text is None:
@@ -173,6 +174,45 @@ def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_S
     cal = Calibration(res.q_mean, res.q_abs_mean, rope, n_head_kv=n_head_kv, head_dim=head_dim,
                       calib_tokens=res.n_tokens, calib_source=source, model_fingerprint=fingerprint)
     return cal, res
+
+
+def write_sidecar(model_path, cal, dst, *, force: bool = True) -> Path:
+    """A GGUF holding only metadata: the model's architecture and name and the triattention.* statistics.
+    The policy reads statistics from any GGUF whose architecture and name match the model's (kv_calib=,
+    --calib), so a calibration need not copy the model (8.7 GB for Qwen3-8B Q8_0)."""
+    from . import gguf_io
+    hdr = gguf_io.read_header(model_path)
+    fields = {k: hdr.get(k) for k in ("general.architecture", "general.name") if hdr.get(k) is not None}
+    fields.update(cal.gguf_fields())
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    return gguf_io.write_metadata_only(dst, fields, force=force)
+
+
+def ensure_calibrated(model_path, *, tokens: int = QUICK_TOKENS, n_gpu_layers: int = 0, n_ctx: int = 2048,
+                      progress: bool = True) -> Path:
+    """A GGUF carrying the model's TriAttention statistics: the model itself if it carries them, else a
+    statistics-only sidecar (write_sidecar) calibrated once on `tokens` tokens of Python's documentation and
+    cached under $PYTRIATT_CACHE/calibrated, keyed by the model file's sha256 and the calibration size.
+    The one cache `pytriatt run/serve --calibrate`, `eval` and `bench` share."""
+    from . import gguf_io, models
+    model_path = Path(model_path)
+    if gguf_io.has_prefix(model_path, "triattention."):
+        return model_path
+    if tokens < 1:
+        raise ValueError(f"--calib-tokens must be positive, got {tokens}")
+    if progress:
+        print(f"pytriatt: {model_path.name} carries no TriAttention calibration; hashing it to look for a "
+              f"cached one", file=sys.stderr)
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_path.stem)
+    dst = models.cache_dir() / "calibrated" / f"{stem}-{models.sha256_file(model_path)[:16]}-{tokens}.calib.gguf"
+    if dst.is_file() and gguf_io.has_prefix(dst, "triattention."):
+        return dst
+    if progress:
+        print(f"pytriatt: calibrating {model_path.name} on {tokens} tokens (once; cached as {dst}; "
+              f"--calib-tokens sets how many)", file=sys.stderr)
+    cal, _ = calibrate(model_path, max_tokens=tokens, n_ctx=min(n_ctx, max(tokens, 16)), n_gpu_layers=n_gpu_layers,
+                       progress=progress)
+    return write_sidecar(model_path, cal, dst)
 
 
 def merge(calibrations: Sequence) -> "object":
@@ -201,96 +241,3 @@ def merge(calibrations: Sequence) -> "object":
     return Calibration(q_mean, q_abs, first.rope, n_head_kv=first.n_head_kv, head_dim=first.head_dim,
                        calib_tokens=int(w.sum()), calib_source=" + ".join(sources),
                        model_fingerprint=first.model_fingerprint)
-
-
-# -- the `pytriatt calibrate` command -------------------------------------------------
-
-CLI_HELP = """\
-Run the model over calibration text and write a copy of its GGUF that carries the
-TriAttention statistics (triattention.* metadata; the tensors are copied unchanged).
-The input is never modified; the output appears only once complete.
-
-examples:
-  pytriatt calibrate model.gguf -o model.tri.gguf                 # Python's docs, 32768 tokens
-  pytriatt calibrate model.gguf -o model.tri.gguf --text a.txt b.txt --tokens 65536 -ngl 99
-  pytriatt calibrate model.gguf -o model.tri.gguf --merge run1.tri.gguf run2.tri.gguf
-"""
-
-
-def add_parser(sub) -> None:
-    from .cliargs import add_model_argument
-    import argparse
-
-    p = sub.add_parser("calibrate", help="measure the query statistics of a model and embed them in a GGUF copy",
-                       description=CLI_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_model_argument(p)
-    p.add_argument("-o", "--output", required=True, help="the GGUF to write (never the input)")
-    p.add_argument("--text", nargs="+", metavar="FILE", help="calibration text files (default: Python's "
-                   "documentation, pydoc_data.topics)")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens of text to use (default 32768, as the paper; "
-                                                               "smollm2-135m calibrates at about 140 tokens/s on 2 "
-                                                               "CPU cores)")
-    p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=4096, help="window length: the text is decoded in windows of "
-                   "this many tokens (default 4096)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    p.add_argument("--merge", nargs="+", metavar="GGUF", help="instead of running the model, merge the "
-                   "statistics these calibrated files carry (same model), weighted by their token counts")
-    p.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-
-
-def cmd_calibrate(args, resolve_model) -> dict:
-    """Run `pytriatt calibrate`; returns the summary (printed by the caller). Errors raise ValueError & co."""
-    from . import gguf_io, modelinfo
-    from .core import Calibration, model_fingerprint
-
-    src = resolve_model(args.model)
-    dst = Path(args.output).expanduser()
-    gguf_io.read_header(src)                    # a corrupt or truncated input fails here, in one line
-    gguf_io.check_output(src, dst, args.force)  # ... and an unusable output before an hour of work
-    carried = gguf_io.has_prefix(src, "triattention.")
-
-    if args.merge:
-        if args.text:
-            raise ValueError("--merge combines existing statistics; it takes no --text")
-        fp = model_fingerprint(src)
-        cals = []
-        for m in args.merge:
-            c = Calibration.from_gguf(m, model=src, check_fingerprint=False)
-            if c.model_fingerprint != fp:
-                raise ValueError(f"{m} holds statistics of another model ({c.model_fingerprint}); "
-                                 f"{src} is {fp}: merge only runs of the same model")
-            cals.append(c)
-        cal, res = merge(cals), None
-    else:
-        text = read_texts(args.text) if args.text else None
-        source = ", ".join(Path(t).name for t in args.text) if args.text else DEFAULT_SOURCE
-        cal, res = calibrate(src, text=text, source=source, max_tokens=args.tokens, n_ctx=args.ctx,
-                             n_gpu_layers=args.n_gpu_layers, n_threads=args.threads,
-                             progress=not (args.quiet or args.json))
-    written = gguf_io.write_with_metadata(src, dst, cal.gguf_fields(), force=args.force)
-    summary = {
-        "input": str(src), "output": str(dst), "tokens": cal.calib_tokens, "source": cal.calib_source,
-        "merged": [str(m) for m in args.merge] if args.merge else None,
-        "seconds": round(res.seconds, 2) if res else None,
-        "tokens_per_s": round(res.n_tokens / res.seconds, 1) if res and res.seconds > 0 else None,
-        "replaced_existing": bool(carried or written.get("replaced")),
-        "fingerprint": cal.model_fingerprint,
-        "profile": modelinfo.concentration_profile(cal),
-    }
-    return summary
-
-
-def format_summary(s: dict) -> str:
-    from . import modelinfo
-
-    lines = []
-    if s["replaced_existing"]:
-        lines.append(f"note: {s['input']} already carried TriAttention statistics; {s['output']} has the new ones")
-    how = (f"merged {len(s['merged'])} files" if s["merged"]
-           else f"{s['tokens']} tokens of {s['source']} in {s['seconds']} s ({s['tokens_per_s']} tok/s)")
-    lines.append(f"wrote {s['output']}: {how}")
-    lines.append(modelinfo.format_profile(s["profile"]))
-    return "\n".join(lines)

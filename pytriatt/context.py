@@ -16,11 +16,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from . import _llama
+from .policy import GRANULARITIES, KV_CACHE_TYPES, c_params, granularity  # noqa: F401  (GRANULARITIES, granularity: public here before)
 
 _backend_ready = False
 
 # ggml_type values of the K/V cache types llama.cpp offers
-_GGML_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8, "bf16": 30}
 
 
 def _llama_cpp():
@@ -101,19 +101,6 @@ class Model:
             self.close()
 
 
-# per-head eviction (llama_kv_policy_params.granularity): what per_head= / kv_per_head= / tri@... accept
-GRANULARITIES = {"shared": 0, "head": 1, "layer": 2}
-
-
-def granularity(per_head: Union[bool, str]) -> int:
-    """The C enum value of per_head: False or "shared" (one token set), True or "head" (one per KV head,
-    shared by the layers), "layer" (one per KV head of each layer)."""
-    key = {False: "shared", True: "head"}.get(per_head, per_head) if isinstance(per_head, bool) else per_head
-    if key not in GRANULARITIES:
-        raise ValueError(f"per_head must be False, True (or 'head') or 'layer', got {per_head!r}")
-    return GRANULARITIES[key]
-
-
 class Context:
     """A llama.cpp context: n_ctx KV cells shared by n_seq_max sequences."""
 
@@ -141,9 +128,9 @@ class Context:
         params.n_threads_batch = nt
         for name, t in (("type_k", type_k), ("type_v", type_v)):
             if t is not None:
-                if t not in _GGML_TYPES:
-                    raise ValueError(f"{name} must be one of {', '.join(_GGML_TYPES)}, got {t!r}")
-                setattr(params, name, _GGML_TYPES[t])
+                if t not in KV_CACHE_TYPES:
+                    raise ValueError(f"{name} must be one of {', '.join(KV_CACHE_TYPES)}, got {t!r}")
+                setattr(params, name, KV_CACHE_TYPES[t][0])
         if cb_eval is not None:
             params.cb_eval = cb_eval
             params.cb_eval_user_data = cb_eval_user_data
@@ -170,22 +157,14 @@ class Context:
         per_head (tri, snapkv): True or "head": every KV head keeps its own tokens (one set per KV head,
         shared by the layers); "layer": one set per KV head of each layer; False: one set for all."""
         lc = _llama.require_patched("kv policy")
-        types = {"full": lc.LLAMA_KV_POLICY_FULL, "tri": lc.LLAMA_KV_POLICY_TRI,
-                 "streaming": lc.LLAMA_KV_POLICY_STREAMING, "random": lc.LLAMA_KV_POLICY_RANDOM}
-        if hasattr(lc, "LLAMA_KV_POLICY_SNAPKV"):
-            types["snapkv"] = lc.LLAMA_KV_POLICY_SNAPKV
-        if policy not in types:
-            raise ValueError(f"policy must be one of {', '.join(types)}, got {policy!r}")
-        if kv_agg not in ("max", "mean"):
-            raise ValueError("kv_agg must be 'max' or 'mean'")
-        p = lc.llama_kv_policy_default_params()
-        p.type, p.budget, p.interval = types[policy], budget, interval
-        p.n_sink, p.n_window, p.protect_prompt = sink, window, protect_prompt
-        p.kv_agg_mean, p.seed, p.n_threads = kv_agg == "mean", seed & 0xFFFFFFFF, n_threads
-        p.shift, p.snap_window = shift, snap_window
-        p.granularity = granularity(per_head)
-        self._calib_path = str(calib if calib is not None else self.model.path).encode()
-        p.calib_path = self._calib_path
+        if policy == "full":
+            p = lc.llama_kv_policy_default_params()
+            p.type = lc.LLAMA_KV_POLICY_FULL
+        else:
+            p = c_params(lc, policy, budget, interval=interval, sink=sink, window=window,
+                         protect_prompt=protect_prompt, per_head=per_head, shift=shift,
+                         calib=calib if calib is not None else self.model.path, seed=seed,
+                         n_threads=n_threads, kv_agg=kv_agg, snap_window=snap_window)
         if lc.llama_set_kv_policy(self.ctx_ptr, ctypes.byref(p)) != 0:
             raise ValueError(lc.llama_kv_policy_last_error().decode())
 

@@ -1,8 +1,8 @@
 """Shared pieces of `pytriatt eval`: result rows, confidence intervals, policies run through
-llama.cpp's eviction, calibrated copies for tri, and the default evaluation text.
+llama.cpp's eviction, and the default evaluation text.
 
-Every task module (eval_tasks, eval_recall) builds on these; pytriatt/evaluate.py is the
-command line.
+Every task module (eval_tasks, eval_recall) builds on these; pytriatt/evaluate.py runs a task over
+policies and budgets, pytriatt/cli/eval.py is the command line.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import numpy as np
 
 from . import _llama
 
-# policies `pytriatt eval` knows; "full" keeps every token. "tri@head" / "tri@layer" (and snapkv@...)
-# run them per head: every KV head (of every layer) keeps its own tokens
-POLICIES = ("full", "tri", "streaming", "random", "snapkv")
-PER_HEAD_POLICIES = ("tri", "snapkv")
+# policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
+# snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens
+from .policy import GRANULARITIES, PER_HEAD_POLICIES, POLICIES, c_params, cells_needed  # noqa: E402
 
 
 def split_policy(name: str):
@@ -122,18 +121,23 @@ def text_tokens(model, text: str, n_tokens: int, *, what: str = "the text") -> L
 
 # -- models -----------------------------------------------------------------------------
 
-_models: Dict[str, object] = {}
+_models: Dict[tuple, object] = {}
+
+# llama.cpp settings of the models and contexts the tasks open (pytriatt eval's -ngl, -t, -ctk, -ctv, -fa);
+# evaluate(runtime=...) sets them for one run
+RUNTIME: Dict[str, object] = dict(n_gpu_layers=0, n_threads=None, type_k=None, type_v=None, flash_attn=None)
 
 
 def load_model(model_or_path):
-    """A pytriatt.context.Model (loaded once per path and process)."""
+    """A pytriatt.context.Model (loaded once per path, GPU layers and process)."""
     from .context import Model
     if isinstance(model_or_path, Model):
         return model_or_path
-    key = os.fspath(Path(model_or_path).resolve())
+    path = os.fspath(Path(model_or_path).resolve())
+    key = (path, RUNTIME["n_gpu_layers"])
     m = _models.get(key)
     if m is None or getattr(m, "ptr", None) is None:
-        m = Model(key)
+        m = Model(path, n_gpu_layers=RUNTIME["n_gpu_layers"])
         _models[key] = m
     return m
 
@@ -153,18 +157,8 @@ def model_name(path: PathLike) -> str:
 
 # -- policies ---------------------------------------------------------------------------
 
-def support() -> dict:
-    """What the installed llama-cpp-python offers beyond full/tri/streaming/random."""
-    lc = _llama.require_patched("kv policy")
-    fields = {name for name, _ in lc.llama_kv_policy_params._fields_}
-    return {"snapkv": hasattr(lc, "LLAMA_KV_POLICY_SNAPKV"),
-            "shift": "shift" in fields,
-            "snap_window": "snap_window" in fields}
-
-
-def check_supported(policies: Sequence[str], shift: bool) -> None:
-    """Refuse, in one line, policies or position modes the installed build lacks."""
-    from .context import GRANULARITIES
+def check_supported(policies: Sequence[str], shift: bool = False) -> None:
+    """Refuse, in one line, policy names `pytriatt eval` does not know."""
     for name in policies:
         p, gran = split_policy(name)
         if p not in POLICIES:
@@ -172,16 +166,6 @@ def check_supported(policies: Sequence[str], shift: bool) -> None:
                             "snapkv@head, snapkv@layer for per-head eviction)")
         if gran not in GRANULARITIES or (gran != "shared" and p not in PER_HEAD_POLICIES):
             raise EvalError(f"policy {name!r}: per-head eviction is tri@head, tri@layer, snapkv@head or snapkv@layer")
-    policies = [split_policy(name)[0] for name in policies]
-    have = support()
-    if "snapkv" in policies and not have["snapkv"]:
-        raise EvalError("policy snapkv needs a llama-cpp-python built with the SnapKV policy "
-                        "(llama_cpp.LLAMA_KV_POLICY_SNAPKV), which the installed one lacks; rebuild it: "
-                        f"{_llama.FIX_COMMAND}, or leave snapkv out of --policies")
-    if shift and not have["shift"]:
-        raise EvalError("--shift needs a llama-cpp-python built with position compaction "
-                        "(llama_kv_policy_params.shift), which the installed one lacks; rebuild it: "
-                        f"{_llama.FIX_COMMAND}, or leave --shift out")
 
 
 def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: int = 4, window: int = 1,
@@ -196,25 +180,9 @@ def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: i
     lc = _llama.require_patched("kv policy")
     check_supported([policy], shift)
     policy, gran = split_policy(policy)
-    types = {"tri": lc.LLAMA_KV_POLICY_TRI, "streaming": lc.LLAMA_KV_POLICY_STREAMING,
-             "random": lc.LLAMA_KV_POLICY_RANDOM}
-    if policy == "snapkv":
-        types["snapkv"] = lc.LLAMA_KV_POLICY_SNAPKV
-    p = lc.llama_kv_policy_default_params()
-    p.type, p.budget, p.interval = types[policy], int(budget), int(interval)
-    p.n_sink, p.n_window, p.protect_prompt = int(sink), int(window), False
-    p.kv_agg_mean = kv_agg == "mean"
-    p.seed = seed & 0xFFFFFFFF
-    fields = {name for name, _ in p._fields_}
-    if shift:
-        p.shift = True
-    if policy == "snapkv" and "snap_window" in fields:
-        p.snap_window = int(snap_window)
-    if gran != "shared":
-        from .context import granularity
-        p.granularity = granularity(gran)
-    ctx._eval_calib = os.fsencode(os.fspath(calib if calib is not None else ctx.model.path))
-    p.calib_path = ctx._eval_calib
+    p = c_params(lc, policy, budget, interval=interval, sink=sink, window=window, per_head=gran, shift=shift,
+                 calib=calib if calib is not None else ctx.model.path, seed=seed, kv_agg=kv_agg,
+                 snap_window=snap_window if policy == "snapkv" else None)
     if lc.llama_set_kv_policy(ctx.ctx_ptr, ctypes.byref(p)) != 0:
         raise EvalError(f"policy {policy}: " + lc.llama_kv_policy_last_error().decode("utf-8", "replace"))
 
@@ -233,52 +201,19 @@ def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, in
     else:
         if budget < 1:
             raise EvalError("budgets must be positive")
-        n_cells = min(n_tokens + 1, budget + max(interval, n_batch))
+        n_cells = min(n_tokens + 1, cells_needed(budget, interval, n_batch))
     # a sliding-window model's local layers keep their window in their own cache, sized as without a policy
     n_swa = model._lc.llama_model_n_swa(model.ptr)
     n_ctx_swa = n_swa + n_batch if n_swa > 0 and policy != "full" and budget is not None else None
-    ctx = Context(model, n_ctx=max(n_cells, 16), n_batch=n_batch, n_ctx_swa=n_ctx_swa)
+    ctx = Context(model, n_ctx=max(n_cells, 16), n_batch=n_batch, n_ctx_swa=n_ctx_swa,
+                  n_threads=RUNTIME["n_threads"], type_k=RUNTIME["type_k"], type_v=RUNTIME["type_v"],
+                  flash_attn=RUNTIME["flash_attn"])
     try:
         attach_policy(ctx, policy, budget or 0, interval=interval, **policy_kw)
     except Exception:
         ctx.close()
         raise
     return ctx
-
-
-# -- calibrated models for tri ---------------------------------------------------------
-
-def cache_root() -> Path:
-    from .models import cache_dir
-    return cache_dir() / "eval"
-
-
-def file_sha256(path: PathLike) -> str:
-    from .models import sha256_file
-    return sha256_file(path)
-
-
-def calibrated(model_path: PathLike, *, tokens: int = 8192, n_ctx: int = 4096, progress: bool = True) -> Path:
-    """A GGUF carrying the model's TriAttention statistics: the model itself if it carries them,
-    else a calibrated copy in the eval cache ($PYTRIATT_CACHE/eval), made once per model
-    (keyed by the file's sha256 and the calibration size)."""
-    from . import gguf_io
-    from .calibrate import calibrate
-
-    model_path = Path(model_path)
-    if gguf_io.has_prefix(model_path, "triattention."):
-        return model_path
-    sha = file_sha256(model_path)
-    out = cache_root() / f"{model_path.stem}.{sha[:16]}.cal{tokens}.tri.gguf"
-    if out.is_file():
-        return out
-    if progress:
-        print(f"eval: tri needs calibration statistics; calibrating {model_path.name} on {tokens} tokens of "
-              f"Python's docs (once; cached as {out})", file=sys.stderr)
-    cal, _ = calibrate(model_path, max_tokens=tokens, n_ctx=n_ctx, progress=progress)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    gguf_io.write_with_metadata(model_path, out, cal.gguf_fields(), force=True)
-    return out
 
 
 # -- numerics ---------------------------------------------------------------------------

@@ -688,3 +688,16 @@ def write_with_metadata(
         "tensor_data_bytes": n_data,
         "bytes": data_offset + n_data,
     }
+
+
+def write_metadata_only(dst: PathLike, fields: Dict[str, Any], *, force: bool = False) -> Path:
+    """Write a GGUF that holds only the metadata ``fields`` (no tensors), all or nothing, like
+    write_with_metadata. A calibration sidecar is one: the model's architecture and name plus the
+    triattention.* statistics, which the policy reads beside the model it belongs to."""
+    dst_p = Path(dst)
+    if dst_p.exists() and not force:
+        raise FileExistsError(f"{dst_p} exists; pass force=True to replace it")
+    encoded = [encode_value(k, v) for k, v in fields.items()]
+    data = MAGIC + struct.pack("<IQQ", 3, 0, len(encoded)) + b"".join(encoded)
+    _atomic_write(dst_p, lambda f: f.write(data), force)
+    return dst_p

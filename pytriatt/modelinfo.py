@@ -493,7 +493,7 @@ def pick_heads(R: np.ndarray, n: int) -> List[Tuple[int, int]]:
     return [(l, h) for _, l, h in top + low]
 
 
-def _require_matplotlib():
+def require_matplotlib():
     try:
         import matplotlib
     except ImportError:
@@ -514,7 +514,7 @@ def plot_calibration(cal, out, *, n_heads: int = 4, title: Optional[str] = None,
     (:func:`distance_curve`), Δ = 1 .. ``max_delta`` on a log axis.
     Returns ``{"path", "heads": [{"layer", "head", "R"}], "profile"}``.
     """
-    plt = _require_matplotlib()
+    plt = require_matplotlib()
     out = Path(out)
     prof = concentration_profile(cal)
     R = head_concentration(cal.q_mean, cal.q_abs_mean, cal.rope.kv_layers)

@@ -14,14 +14,13 @@ llama-cpp-python/0005 adds them to its ModelSettings, so
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import sys
 import threading
 import time
 
 from . import _llama
-from .cli import CliError, resolve_model
+from .errors import UserError
 
 SERVER_PACKAGES = "fastapi uvicorn sse-starlette starlette-context pydantic-settings"
 INSTALL_HINT = "pip install 'pytriatt[serve]'   (or: pip install " + SERVER_PACKAGES + ")"
@@ -135,25 +134,34 @@ class KVMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        status = None
+        status, counted = None, False
+        completion = scope.get("path") in COMPLETION_PATHS
+        t0 = time.perf_counter()
+
+        def done():
+            nonlocal counted
+            if completion and not counted:
+                counted = True
+                self.monitor.request_done(scope.get("method", "?"), scope["path"], status, time.perf_counter() - t0)
 
         async def send_with_headers(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message.get("status")
                 message = dict(message, headers=list(message.get("headers", [])) + self.monitor.headers())
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # counted before the last byte leaves: a client that reads /kv/stats as soon as its
+                # (streamed) completion ends already sees it
+                done()
             await send(message)
 
-        t0 = time.perf_counter()
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            if scope.get("path") in COMPLETION_PATHS:
-                self.monitor.request_done(scope.get("method", "?"), scope["path"], status,
-                                          time.perf_counter() - t0)
+            done()    # a request that ended without its last body (client gone, error) still counts
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -162,12 +170,12 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int) -> socket.socket:
     """Bind and listen before the model loads: a busy port fails at once, and --port 0 gets a free one."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as e:
-        raise CliError(f"--host {host}: cannot resolve it ({e.strerror})") from None
+        raise UserError(f"--host {host}: cannot resolve it ({e.strerror})") from None
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -175,50 +183,20 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind(addr)
     except OSError as e:
         sock.close()
-        raise CliError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port "
+        raise UserError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port "
                        f"(--port 0 picks a free one)") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock
 
 
-def _kv_settings(args, path, model_arg: str) -> dict:
-    """The KV-policy fields of llama_cpp.server's ModelSettings (empty: full attention, stock behaviour):
-    the same as `pytriatt run` passes to Llama."""
-    from .cli import _kv_policy_args
-    return _kv_policy_args(args, path, model_arg)
-
-
-def _check_flags(args) -> None:
-    if not 0 <= args.port <= 65535:
-        raise CliError(f"--port {args.port} is out of range (0-65535; 0 picks a free port)")
-    if args.ctx_size is not None and args.ctx_size < 0:
-        raise CliError("-c/--ctx-size must be >= 0 (0: the model's trained context)")
-    if args.policy == "full" or (args.policy is None and args.budget is None):
-        return
-    if args.budget is None:
-        raise CliError(f"--policy {args.policy} needs --budget N (the KV tokens a sequence keeps)")
-    if args.budget < 1:
-        raise CliError(f"--budget {args.budget} is out of range: it must be at least 1 (tokens kept in the KV cache)")
-    if args.interval < 1:
-        raise CliError(f"--interval {args.interval} is out of range: it must be at least 1")
-    if args.sink < 0 or args.window < 0:
-        raise CliError("--sink and --window must be >= 0")
-    if args.sink + max(args.window, 1) > args.budget:
-        raise CliError(f"--sink {args.sink} + --window {max(args.window, 1)} exceed --budget {args.budget}: "
-                       f"the protected tokens must fit in the budget")
-    if args.ctx_size and args.budget >= args.ctx_size:
-        raise CliError(f"--budget {args.budget} must be below -c/--ctx-size {args.ctx_size} (the longest "
-                       f"sequence); with a budget that large nothing is ever evicted: use --policy full")
-
-
-def _import_server():
+def import_server():
     try:
         import uvicorn  # noqa: F401
         from llama_cpp.server import app as server_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as e:
-        raise CliError(f"the server needs packages that are not installed ({e}): {INSTALL_HINT}") from None
+        raise UserError(f"the server needs packages that are not installed ({e}): {INSTALL_HINT}") from None
     if "kv_policy" not in ModelSettings.model_fields:
         raise _llama.PatchMissingError(
             "the installed llama-cpp-python's server does not know kv_policy (patch "
@@ -226,123 +204,3 @@ def _import_server():
     return server_app, ModelSettings, ServerSettings
 
 
-def build_app(args):
-    """Check everything, load the model and return (asgi_app, monitor, listening_socket)."""
-    from .models import DEFAULT_MODEL
-    _check_flags(args)
-    model_arg = args.model or DEFAULT_MODEL
-    path = resolve_model(model_arg)
-    _llama.require_patched("kv policy")
-    server_app, ModelSettings, ServerSettings = _import_server()
-    kv = _kv_settings(args, path, model_arg)
-    missing = [k for k in kv if k not in ModelSettings.model_fields]
-    if missing:
-        raise _llama.PatchMissingError(
-            f"the installed llama-cpp-python's server does not know {', '.join(missing)}: rebuild it. "
-            f"Fix: {_llama.FIX_COMMAND}")
-    sock = _bind(args.host, args.port)
-    alias = args.alias or model_arg
-    n_ctx = args.ctx_size if args.ctx_size is not None else (0 if kv else 2048)
-    verbose = bool(os.environ.get("PYTRIATT_VERBOSE"))
-    try:
-        ms = ModelSettings(model=str(path), model_alias=alias, n_ctx=n_ctx, n_gpu_layers=args.n_gpu_layers,
-                           n_batch=args.n_batch, n_ubatch=args.n_batch, chat_format=args.chat_format,
-                           # per-token logits of the whole sequence would grow without bound in long
-                           # generations (n_ctx x n_vocab floats); logprobs need them, so they are off
-                           logits_all=False, verbose=verbose, seed=args.seed, **kv)
-        if args.threads:
-            ms.n_threads = args.threads
-        ss = ServerSettings(host=args.host, port=sock.getsockname()[1], api_key=args.api_key)
-    except ValueError as e:   # pydantic's ValidationError is a ValueError
-        sock.close()
-        errors = getattr(e, "errors", lambda: [])()
-        detail = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in errors) or str(e)
-        raise CliError(f"bad server setting: {detail}") from None
-    log(f"loading {path}" + (f" (kv policy {kv['kv_policy']}, budget {kv['kv_budget']})" if kv else ""))
-    try:
-        app = server_app.create_app(server_settings=ss, model_settings=[ms])
-    except ValueError as e:
-        sock.close()
-        if str(e).startswith("kv_policy"):
-            raise CliError(str(e)) from None
-        raise CliError(f"llama.cpp could not load {path} ({e}); PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
-    llm = server_app._llama_proxy()
-    if kv and kv["kv_budget"] >= llm.n_ctx():
-        sock.close()
-        raise CliError(f"--budget {kv['kv_budget']} must be below the longest sequence, {llm.n_ctx()} tokens "
-                       f"(-c/--ctx-size, default the model's trained context): nothing would ever be evicted")
-    monitor = KVMonitor(llm, kv or {"kv_policy": "full"}, alias)
-
-    @app.get("/kv/stats", tags=["pytriatt"], summary="KV-cache eviction counters")
-    async def kv_stats():
-        return monitor.stats()
-
-    return KVMiddleware(app, monitor), monitor, sock
-
-
-def cmd_serve(args) -> int:
-    import uvicorn
-    app, monitor, sock = build_app(args)
-    host, port = sock.getsockname()[:2]
-    url_host = f"[{host}]" if ":" in host else host
-    s = monitor.stats()
-    kv = (f"kv policy {s['policy']}, budget {s['budget']}, interval {s['interval']}"
-          if s["policy"] != "full" else "full attention")
-    log(f"listening on http://{url_host}:{port}/v1  (model {monitor.alias!r}; {kv}; n_ctx {s['n_ctx']}, "
-        f"{s['n_cells']} KV cells; counters at GET /kv/stats)")
-    if not _is_loopback(args.host):
-        log(f"warning: --host {args.host} makes the server reachable from other machines"
-            + ("" if args.api_key else "; anyone who reaches it can use it (set --api-key)"))
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-    return 0
-
-
-def add_parser(sub) -> None:
-    from .cliargs import add_model_argument
-    p = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server with a KV budget (llama_cpp.server)",
-        description="Serve a model over HTTP with the OpenAI API (llama-cpp-python's llama_cpp.server: "
-                    "/v1/chat/completions, /v1/completions, streaming or not, /v1/models). With --budget N "
-                    "the KV cache keeps at most N tokens (+ one interval) per sequence: the policy "
-                    "(TriAttention by default, which needs a calibrated model) evicts the rest inside "
-                    "llama_decode, so generations longer than the cache work. Every response carries "
-                    "x-kv-policy / x-kv-budget headers; GET /kv/stats returns the eviction counters. "
-                    "Binds to 127.0.0.1 unless --host says otherwise. Needs: " + INSTALL_HINT,
-        epilog="example: pytriatt serve smollm2.tri.gguf --budget 2048 --port 8000, then point an OpenAI "
-               "client at http://127.0.0.1:8000/v1 (any api_key unless --api-key is set). See docs/SERVING.md.")
-    add_model_argument(p, required=False, help="GGUF path or model name (default: smollm2-135m)")
-    p.add_argument("--budget", type=int, help="KV tokens a sequence keeps: evict down to this many (default "
-                                              "policy tri); without it the server keeps every token")
-    p.add_argument("--policy", choices=["tri", "streaming", "random", "snapkv", "full"],
-                   help="eviction policy (default: tri with --budget, else full); snapkv is a slower baseline")
-    p.add_argument("--interval", type=int, default=128,
-                   help="evict once the cache would hold budget + interval tokens (default 128)")
-    p.add_argument("--sink", type=int, default=4, help="never evict the first N tokens (default 4)")
-    p.add_argument("--window", type=int, default=1, help="never evict the last N tokens (default 1)")
-    p.add_argument("--protect-prompt", action="store_true", help="never evict the prompt")
-    p.add_argument("--per-head", nargs="?", const="head", choices=["head", "layer"], default=None,
-                   help="tri, snapkv: every KV head keeps its own tokens (head: one set per KV head, shared by the "
-                        "layers, as the paper does; layer: one per KV head of each layer); same memory")
-    p.add_argument("--shift", action="store_true",
-                   help="after each eviction shift the kept tokens down so positions stay contiguous")
-    p.add_argument("--calib", help="tri: GGUF with this model's triattention.* statistics (default: the model)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed at start)")
-    p.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="longest sequence in tokens (default 2048; with --budget the model's trained context)")
-    p.add_argument("-ngl", "--n-gpu-layers", type=int, default=0, help="layers to offload to the GPU")
-    p.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens per decode (default 512)")
-    p.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: half the cores)")
-    p.add_argument("--alias", help="model id in /v1/models and responses (default: MODEL as given)")
-    p.add_argument("--chat-format", default=None,
-                   help="llama-cpp-python chat format (default: the model's own chat template)")
-    p.add_argument("--api-key", default=None, help="require this bearer token on every request")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
-                   help="uvicorn's log level (default info: one line per request)")
-    p.set_defaults(func=cmd_serve)

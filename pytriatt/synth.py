@@ -57,7 +57,7 @@ def write_synth_gguf(path: Union[str, os.PathLike], shape: Union[str, dict] = "q
     """Write a random-weight Q8_0 model of `shape` (a name in SHAPES or a dict of its fields) to `path`."""
     import gguf
 
-    from .tiny import _add_vocab, tiny_vocab
+    from .tiny import add_vocab, tiny_vocab
 
     if isinstance(shape, str):
         if shape not in SHAPES:
@@ -102,7 +102,7 @@ def write_synth_gguf(path: Union[str, os.PathLike], shape: Union[str, dict] = "q
     w.add_rope_dimension_count(s["head_dim"])
     w.add_rope_freq_base(float(s["rope_freq_base"]))
     w.add_layer_norm_rms_eps(float(s["rms_eps"]))
-    _add_vocab(w, tokens, scores, types)
+    add_vocab(w, tokens, scores, types)
 
     # (name, kind, n_out, n_in): kind "q8" = a Q8_0 matrix (numpy shape (n_out, n_in)), "norm" = f32 vector
     plan = [("token_embd.weight", "q8", s["n_vocab"], s["n_embd"])]

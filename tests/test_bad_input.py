@@ -160,7 +160,7 @@ API = [
     ("Llama: recurrent model", lambda f: _llama(f["mamba"], kv_policy="streaming"), ValueError,
      r"recurrent|not a KV cache"),
     ("Context: budget 0", lambda f: _context(f["tri"]).set_kv_policy("tri", budget=0), ValueError, r"budget"),
-    ("Context: unknown policy", lambda f: _context(f["tri"]).set_kv_policy("lru"), ValueError, r"policy must be"),
+    ("Context: unknown policy", lambda f: _context(f["tri"]).set_kv_policy("lru"), ValueError, r"unknown KV policy .lru. \(known: full, tri"),
     ("Context: unsupported K cache type", lambda f: _context(f["tri"], type_k="q5_7"), ValueError, r"type_k|q5_7"),
     ("Llama: protected prompt beyond the budget",
      lambda f: list(_llama(f["tri"], n_ctx=2048, kv_policy="streaming", kv_budget=16, kv_interval=8,

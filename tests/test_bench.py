@@ -136,16 +136,19 @@ def test_parallel_sequences_decode_together(tiny, tiny_cal):
     assert p["vs_full"]["throughput_ratio"] > 0
 
 
-def test_an_uncalibrated_model_gets_a_cached_statistics_only_calibration(tiny, tiny_cal, tmp_path, monkeypatch):
+def test_an_uncalibrated_model_gets_one_cached_statistics_only_calibration(tiny, tiny_cal, tmp_path, monkeypatch):
+    from pytriatt.calibrate import ensure_calibrated
+
     monkeypatch.setenv("PYTRIATT_CACHE", str(tmp_path))
-    a = bench.calibrated_copy(tiny, tokens=256, progress=False)
-    assert a.parent == tmp_path / "bench" and gguf_io.has_prefix(a, "triattention.")
+    a = ensure_calibrated(tiny, tokens=256, progress=False)
+    assert a.parent == tmp_path / "calibrated" and gguf_io.has_prefix(a, "triattention.")
     # metadata only (architecture, name, statistics): the model's tensors are not copied
     hdr = gguf_io.read_header(a)
     assert not hdr.tensors and hdr.get("general.name") == gguf_io.read_header(tiny).get("general.name")
     mtime = a.stat().st_mtime_ns
-    assert bench.calibrated_copy(tiny, tokens=256, progress=False) == a and a.stat().st_mtime_ns == mtime
-    assert bench.calibrated_copy(tiny_cal, tokens=256, progress=False) == tiny_cal   # calibrated: used as is
+    assert ensure_calibrated(tiny, tokens=256, progress=False) == a and a.stat().st_mtime_ns == mtime
+    assert ensure_calibrated(tiny, tokens=300, progress=False) != a                  # another size, another file
+    assert ensure_calibrated(tiny_cal, tokens=256, progress=False) == tiny_cal       # calibrated: used as is
     # and the policy takes its statistics from it
     rep = run(tiny, "tri", positions=(200,), window=8, calib=a)
     assert rep["policies"]["tri"]["n_rounds_total"] > 0

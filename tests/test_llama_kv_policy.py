@@ -256,7 +256,7 @@ def test_cli_tri_is_the_default_policy_with_a_budget_and_needs_a_calibration(tin
     r = run_cli("run", str(tiny), "--policy", "streaming", "-n", "10")
     assert r.returncode == 2 and "needs --budget" in r.stderr
     r = run_cli("run", str(tiny), "--policy", "streaming", "--budget", "0", "-n", "10")
-    assert r.returncode == 2 and "--budget and --interval must be >= 1" in r.stderr
+    assert r.returncode == 2 and "--budget 0 is out of range: it must be at least 1" in r.stderr
     assert "Traceback" not in r.stderr
 
 

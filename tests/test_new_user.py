@@ -101,7 +101,7 @@ def test_calibrate_on_the_fly_takes_a_size_and_names_its_file_safely(tiny_gguf, 
     assert r.returncode == 0, r.stderr
     assert "on 600 tokens" in r.stderr
     made = list((tmp_path / "calibrated").glob("*.tri.gguf"))
-    assert len(made) == 1 and ":" not in made[0].name and "-600.tri.gguf" in made[0].name
+    assert len(made) == 1 and ":" not in made[0].name and "-600.calib.gguf" in made[0].name
 
 
 def test_errors_for_a_missing_calibration_name_every_way_out(tiny_gguf):

@@ -43,22 +43,6 @@ def rss_bytes() -> int:
         return psutil.Process().memory_info().rss
 
 
-def calibrated_copy(model: Path, tokens: int = 2048, log=print) -> Path:
-    """The model with its triattention.* statistics: the model itself if it has them, else a cached copy."""
-    from pytriatt import gguf_io
-    if gguf_io.has_prefix(model, "triattention."):
-        return model
-    cache = Path(os.environ.get("PYTRIATT_CACHE", Path.home() / ".cache" / "pytriatt")) / "soak"
-    cache.mkdir(parents=True, exist_ok=True)
-    out = cache / f"{model.stem}.tri{tokens}.gguf"
-    if not out.exists():
-        from pytriatt.calibrate import calibrate
-        log(f"soak: calibrating {model.name} on {tokens} tokens -> {out}")
-        cal, _ = calibrate(model, max_tokens=tokens, n_ctx=min(2048, tokens), progress=False)
-        gguf_io.write_with_metadata(model, out, cal.gguf_fields(), force=True)
-    return out
-
-
 def soak(model, *, tokens: int = 20000, budget: int = 256, interval: int = 128, policy: str = "tri",
          calib=None, n_batch: int = 128, warmup: int = 0, threads=None, progress_every: int = 1000,
          log=None) -> dict:
@@ -71,7 +55,8 @@ def soak(model, *, tokens: int = 20000, budget: int = 256, interval: int = 128, 
     model = Path(model)
     kw = {}
     if policy == "tri":
-        kw["kv_calib"] = str(calib or calibrated_copy(model, log=log))
+        from pytriatt.calibrate import ensure_calibrated
+        kw["kv_calib"] = str(calib or ensure_calibrated(model, tokens=2048))
     warmup = warmup or min(1000, tokens // 4)
     llm = llama_cpp.Llama(str(model), n_ctx=tokens + 256, n_batch=n_batch, kv_policy=policy, kv_budget=budget,
                           kv_interval=interval, verbose=False, seed=1,

@@ -1,0 +1,7 @@
+"""Errors a user can fix: every layer raises them, the command line prints them as one line (exit 2)."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input or a setting that cannot mean what was asked; the message says what to do."""

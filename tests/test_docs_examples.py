@@ -1,0 +1,128 @@
+"""The commands in README.md and docs/ are true: every `pytriatt ...` command they show parses with today's
+command line (no flag a user would paste is gone or misspelt), and the README's own examples on the default
+model run as written, in order, and give what the text next to them promises."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+SUBCOMMANDS = ("run", "calibrate", "info", "plot", "doctor", "models", "eval", "bench", "serve")
+
+
+def documented_commands():
+    """(file, line) of every pytriatt command shown in a code block or in backticks: not synopses (with
+    [optional] parts, A|B choices or ... ellipses), which describe commands rather than show one."""
+    found = []
+    for doc in DOCS:
+        text = doc.read_text()
+        blocks = [b for b in re.findall(r"```[a-z]*\n(.*?)```", text, re.S)]
+        lines = [ln for b in blocks for ln in b.splitlines()]
+        lines += re.findall(r"`(pytriatt [^`]+)`", text)
+        # indented code (four spaces) in the docs
+        lines += [ln.strip() for ln in text.splitlines() if ln.startswith("    pytriatt ")]
+        for ln in lines:
+            ln = ln.strip()
+            ln = re.sub(r"^(tools/setup\.sh && )?\.venv/bin/", "", ln)
+            if not ln.startswith("pytriatt "):
+                continue
+            cmd = ln.split("  #")[0].split(" # ")[0].rstrip(" \\").strip()
+            words = cmd.split()
+            if len(words) < 2 or words[1] not in SUBCOMMANDS or (len(words) == 2 and words[1] != "doctor"):
+                continue       # a subcommand named in prose, not a command
+            if re.search(r"\[|\||\.\.\.|\bMODEL\b|\bN\b|\bFILE\b|\bP1\b", cmd):
+                continue
+            found.append((doc.relative_to(ROOT).as_posix(), cmd))
+    return sorted(set(found))
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_show_commands_of_every_main_subcommand():
+    shown = {cmd.split()[1] for _, cmd in COMMANDS}
+    assert {"run", "calibrate", "info", "plot", "eval", "bench", "serve"} <= shown
+
+
+@pytest.mark.parametrize("where,cmd", COMMANDS, ids=[f"{w}:{c[:60]}" for w, c in COMMANDS])
+def test_every_documented_command_parses(where, cmd, capsys):
+    from pytriatt.cli import build_parser
+
+    argv = shlex.split(cmd)[1:]
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:
+        if e.code == 0 and "--help" in argv:
+            return
+        pytest.fail(f"{where}: `{cmd}` does not parse: {capsys.readouterr().err.strip()}")
+    assert args.func is not None
+
+
+def test_a_removed_flag_would_be_caught():
+    from pytriatt.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--no-such-flag"])
+
+
+def pytriatt(*args, cwd, timeout=900):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "pytriatt", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def readme_block(after: str):
+    """The commands of the README's first bash block after the line containing `after`."""
+    text = (ROOT / "README.md").read_text()
+    i = text.index(after)
+    block = re.search(r"```bash\n(.*?)```", text[i:], re.S).group(1)
+    return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, smollm2_path):
+    d = tmp_path_factory.mktemp("readme")
+    return d
+
+
+def run_readme_line(line, cwd):
+    argv = shlex.split(line)
+    assert argv[0] == "pytriatt", line
+    r = pytriatt(*argv[1:], cwd=cwd)
+    assert r.returncode == 0, f"`{line}` failed ({r.returncode}):\n{r.stderr[-2000:]}"
+    return r
+
+
+def test_the_readme_calibration_examples_run_as_written(workdir):
+    lines = [ln for ln in readme_block("### Calibration") if "smollm2" in ln]
+    assert [ln.split()[1] for ln in lines] == ["calibrate", "info", "plot"]
+    pytest.importorskip("matplotlib")
+    out = {}
+    for ln in lines:
+        out[ln.split()[1]] = run_readme_line(ln, workdir)
+    assert (workdir / "smollm2.tri.gguf").is_file() and (workdir / "heads.png").stat().st_size > 0
+    assert "calibration" in out["info"].stdout.lower() and "matches this model" in out["info"].stdout
+
+
+def test_the_readme_budget_examples_run_as_written(workdir):
+    if not (workdir / "smollm2.tri.gguf").is_file():
+        pytest.skip("needs the calibration example's output (run the whole module)")
+    lines = readme_block("### Long generations with a fixed KV budget")
+    assert [ln.split()[1] for ln in lines] == ["run", "run", "run"]
+    tri = run_readme_line(lines[0], workdir)
+    assert re.search(r"policy tri, budget 256.*: [1-9]\d* evictions", tri.stderr), tri.stderr[-1500:]
+    streaming = json.loads(run_readme_line(lines[1], workdir).stdout)
+    assert streaming["policy"] == "streaming" and streaming["evictions"] >= 1
+    assert streaming["kv_cells_used"] <= 256 + 128 and streaming["stop"] in ("n_predict", "eog")
+    calibrated = run_readme_line(lines[2], workdir)
+    assert re.search(r"policy tri, budget 256, interval 128, shift: [1-9]\d* evictions", calibrated.stderr), \
+        calibrated.stderr[-1500:]

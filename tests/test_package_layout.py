@@ -1,0 +1,113 @@
+"""The package's layering (docs/ARCHITECTURE.md): no import circle, the command line on top (no library module
+imports pytriatt.cli), subcommand modules that import pytriatt.cli.common and never each other, and no private
+name imported from another module. Imports inside functions count: a circle through a lazy import is still one."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parent.parent / "pytriatt"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PKG.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
+EXTENSIONS = {"pytriatt._core"}      # built from cpp/ by CMakeLists.txt: a module without Python source
+
+
+def imports(name: str):
+    """(imported module, imported names) of every import in module `name` that stays inside pytriatt."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("pytriatt"):
+                    yield a.name, []
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if not target.startswith("pytriatt"):
+                continue
+            names = [a.name for a in node.names]
+            # `from . import x` imports the module x when there is one
+            submodules = [n for n in names if f"{target}.{n}" in MODULES or f"{target}.{n}" in EXTENSIONS]
+            for n in submodules:
+                yield f"{target}.{n}", []
+            rest = [n for n in names if n not in submodules]
+            if rest or not submodules:
+                yield target, rest
+
+
+def graph() -> dict:
+    g = {}
+    for name in MODULES:
+        g[name] = {t for t, _ in imports(name) if t in MODULES and t != name}
+    return g
+
+
+def find_cycle(g: dict):
+    state, stack = {}, []
+
+    def visit(n):
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(g[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(g):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def test_the_import_graph_has_no_circle():
+    cycle = find_cycle(graph())
+    assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_library_module_imports_the_command_line():
+    offenders = {n: sorted(d) for n, d in graph().items()
+                 if not n.startswith("pytriatt.cli") and n not in ("pytriatt.__main__",)
+                 and any(t.startswith("pytriatt.cli") for t in d)}
+    assert not offenders, offenders
+
+
+def test_subcommand_modules_import_common_never_each_other():
+    subcommands = {n for n in MODULES if n.startswith("pytriatt.cli.") and n != "pytriatt.cli.common"}
+    assert {"pytriatt.cli.run", "pytriatt.cli.serve", "pytriatt.cli.eval", "pytriatt.cli.bench"} <= subcommands
+    for n in subcommands:
+        bad = sorted(t for t in graph()[n] if t.startswith("pytriatt.cli") and t != "pytriatt.cli.common")
+        assert not bad, f"{n} imports {bad}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_private_name_is_imported_from_another_module(name):
+    private = [(t, n) for t, names in imports(name) for n in names
+               if n.startswith("_") and not n.startswith("__") and t != name]
+    assert not private, f"{name} imports private names {private}"
