@@ -34,11 +34,9 @@ from typing import Optional
 import numpy as np
 
 from .calibrate import ensure_calibrated
+from .corpus import default_text, text_tokens
 from .errors import UserError
 from .policy import EVICTING, KV_CACHE_TYPES
-
-# bytes per element of the K/V cache types (ggml_type_size / ggml_blck_size)
-
 
 
 class _Log:
@@ -173,17 +171,6 @@ def parse_policies(text: str, type_k: str, type_v: str) -> list:
     if not out:
         raise UserError("--policies is empty; e.g. --policies full,tri")
     return out
-
-
-def text_tokens(model, n: int) -> list:
-    """n tokens of English prose (Python's documentation), repeated if needed."""
-    from .calibrate import default_text
-    text = default_text()
-    need = min(len(text), max(4096, n * 6))          # ~4 characters a token; tokenize no more than needed
-    toks = model.tokenize(text[:need], add_bos=True)
-    while len(toks) < n:
-        toks = toks + toks[1:]
-    return toks[:n]
 
 
 # -- one sequence under one policy ----------------------------------------------
@@ -451,7 +438,7 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
         cfg = dict(budget=budget, interval=interval, n_batch=n_batch, sink=sink, threads=nt,
                    score_threads=score_threads, window=window, repeat=repeat, kv_unified=kv_unified)
         max_pos = max(full_positions)
-        tokens = text_tokens(model, max_pos + 1)
+        tokens = text_tokens(model, default_text(), max_pos + 1, repeat=True)
         rss_ok = _rss_reset()
         runs = []
 
@@ -552,7 +539,7 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
                 n_seq = int(parallel)
             ppos = parallel_position or 4 * budget
             par = run_parallel(model, shape, log, spec, cfg, n_seq, ppos, tokens if ppos <= len(tokens)
-                               else text_tokens(model, ppos), calib, say)
+                               else text_tokens(model, default_text(), ppos, repeat=True), calib, say)
             ref = next((r for r in rows if r["policy"] == (full.name if full else None) and r["position"] == max_pos),
                        None)
             if ref:

@@ -9,7 +9,6 @@ which `pytriatt calibrate` embeds into a copy of the GGUF (docs/calibration-form
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,34 +18,12 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from . import _llama
+from .corpus import DEFAULT_SOURCE, default_text, read_texts  # noqa: F401  (also importable from here)
 
-DEFAULT_SOURCE = "pydoc_data.topics"
 # the calibration run, serve, eval and bench make when a model has none: one size, one cache
 # (ensure_calibrated). smollm2-135m takes about a minute for it on 2 CPU cores; `pytriatt calibrate`
 # uses the paper's 32768 tokens.
 QUICK_TOKENS = 8192
-
-
-def default_text() -> str:
-    """Python's own documentation topics (~1 MB of English prose), shipped with every Python."""
-    from pydoc_data import topics
-    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
-
-
-def read_texts(files: Sequence[str | os.PathLike]) -> str:
-    parts = []
-    for f in files:
-        p = Path(f)
-        if p.is_dir():
-            raise ValueError(f"{p} is a directory; --text takes text files")
-        if not p.is_file():
-            raise FileNotFoundError(f"text file not found: {p}")
-        parts.append(p.read_text(encoding="utf-8", errors="replace"))
-    text = "\n\n".join(parts)
-    if not text.strip():
-        raise ValueError("the calibration text is empty: give --text files with some prose, "
-                         "or leave --text out to use Python's documentation")
-    return text
 
 
 class _Progress:

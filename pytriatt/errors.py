@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class UserError(ValueError):
     """Bad input or a setting that cannot mean what was asked; the message says what to do."""
+
+
+class EvalError(UserError):
+    """A configuration `pytriatt eval` cannot run (a task, policy, budget or text it cannot use)."""

@@ -1,5 +1,5 @@
 """Shared pieces of `pytriatt eval`: result rows, confidence intervals, policies run through
-llama.cpp's eviction, and the default evaluation text.
+llama.cpp's eviction; the evaluation text and its tokens come from pytriatt.corpus.
 
 Every task module (eval_tasks, eval_recall) builds on these; pytriatt/evaluate.py runs a task over
 policies and budgets, pytriatt/cli/eval.py is the command line.
@@ -12,11 +12,15 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import Dict, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _llama
+# the evaluation text comes from pytriatt.corpus (default_text here is corpus.eval_text)
+from .corpus import EVAL_TEXT_OFFSET, read_text, text_tokens  # noqa: F401
+from .corpus import eval_text as default_text  # noqa: F401
+from .errors import EvalError  # noqa: F401
 
 # policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
 # snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens
@@ -30,16 +34,7 @@ def split_policy(name: str):
 POSITION_MODES = ("gaps", "shift")
 ROW_KEYS = ("model", "policy", "position", "budget", "task", "n", "metric", "value", "ci_low", "ci_high")
 
-# evaluation text: Python's documentation topics from this character on. Calibration
-# (pytriatt calibrate's default) reads the same corpus from its start: 32768 tokens are
-# about 140 000 characters of it, so the two never overlap.
-EVAL_TEXT_OFFSET = 300_000
-
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-class EvalError(ValueError):
-    """A configuration `pytriatt eval` cannot run; the message says what to do."""
 
 
 # -- result rows ------------------------------------------------------------------------
@@ -78,45 +73,6 @@ def mean_ci(values: Iterable[float], z: float = 1.96) -> tuple:
         return m, (m, m)
     h = z * float(v.std(ddof=1)) / math.sqrt(v.size)
     return m, (m - h, m + h)
-
-
-# -- text -------------------------------------------------------------------------------
-
-def default_text() -> str:
-    """Python's documentation topics from EVAL_TEXT_OFFSET on (no overlap with calibration)."""
-    from .calibrate import default_text as corpus
-    text = corpus()
-    start = text.find("\n\n", EVAL_TEXT_OFFSET)
-    return text[start + 2 if start >= 0 else EVAL_TEXT_OFFSET:]
-
-
-def read_text(path: Optional[PathLike]) -> str:
-    if path is None:
-        return default_text()
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise EvalError(f"--text {p} is a directory; give a text file")
-    if not p.is_file():
-        raise EvalError(f"--text {p}: no such file")
-    text = p.read_text(encoding="utf-8", errors="replace")
-    if not text.strip():
-        raise EvalError(f"--text {p} is empty")
-    return text
-
-
-def text_tokens(model, text: str, n_tokens: int, *, what: str = "the text") -> List[int]:
-    """The first n_tokens tokens of text (with BOS where the model uses one); refuses too short a text."""
-    # tokenize a prefix only (some tokenizers are slow on a megabyte), growing it while too short
-    chars = 8 * n_tokens + 64
-    while True:
-        toks = model.tokenize(text[:chars], add_bos=True)
-        if len(toks) > n_tokens or chars >= len(text):
-            break
-        chars *= 2
-    if len(toks) < n_tokens:
-        raise EvalError(f"{what} has only {len(toks)} tokens, {n_tokens} needed: give a longer --text "
-                        f"or fewer --tokens")
-    return toks[:n_tokens]
 
 
 # -- models -----------------------------------------------------------------------------

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 
 from .. import gguf_io, modelinfo
-from ..calibrate import DEFAULT_SOURCE, calibrate, merge, read_texts
+from ..calibrate import calibrate, merge
 from ..core import Calibration, model_fingerprint
+from ..corpus import DEFAULT_SOURCE, read_texts
 from .common import (add_gpu_layers, add_model_argument, add_threads, gpu_layers, print_json, resolve_model,
                      threads)
 

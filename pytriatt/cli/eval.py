@@ -7,7 +7,9 @@ from pathlib import Path
 from typing import List
 
 from .. import policy as kv_policy
-from ..eval_common import EvalError, model_name, read_text, say
+from ..corpus import read_text
+from ..errors import EvalError
+from ..eval_common import model_name, say
 from ..evaluate import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_rows
 from ..modelinfo import require_matplotlib
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_threads,
