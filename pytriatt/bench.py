@@ -37,6 +37,7 @@ from .calibrate import ensure_calibrated
 from .corpus import default_text, text_tokens
 from .errors import UserError
 from .policy import EVICTING, KV_CACHE_TYPES
+from .report import mib_number, require_matplotlib
 
 
 class _Log:
@@ -590,10 +591,6 @@ def ratios(rows: list, policies: list, budget: int) -> list:
 
 # -- output ------------------------------------------------------------------------
 
-def _mib(b) -> str:
-    return "-" if b is None else f"{b / 2**20:.1f}"
-
-
 def format_report(rep: dict) -> str:
     lines = [f"model {rep['model']}  budget {rep['budget']}  interval {rep['interval']}  n_batch {rep['n_batch']}  "
              f"threads {rep['threads']}  window {rep['window']} x {rep['repeat']}  backends {','.join(rep['backends'])}"
@@ -603,7 +600,7 @@ def format_report(rep: dict) -> str:
     for r in rep["rows"]:
         ref = f"{r['vs_ref']:.3f}" if "vs_ref" in r else "-"
         lines.append(f"{r['policy']:<14}{r['position']:>9}{r['decode_tok_s']:>10.2f}{r['decode_ms_per_tok']:>9.2f}"
-                     f"{100 * r['score_share']:>8.2f}{r['n_rounds']:>7}{r['kv_cells']:>9}{_mib(r['kv_bytes']):>9}{ref:>9}")
+                     f"{100 * r['score_share']:>8.2f}{r['n_rounds']:>7}{r['kv_cells']:>9}{mib_number(r['kv_bytes']):>9}{ref:>9}")
     if any("vs_ref" in r for r in rep["rows"]):
         lines.append("  (x full@B: tok/s over full attention's at position = budget, timed in the adjacent window)")
     lines.append("")
@@ -612,11 +609,11 @@ def format_report(rep: dict) -> str:
     for name, s in rep["policies"].items():
         chk = "" if s["kv_bytes_check"] in (None, True) else " (!)"
         lines.append(f"{name:<14}{s['prefill_tok_s'] or 0:>14.1f}{s['n_rounds_total']:>8}{s['score_ms_total']:>10.1f}"
-                     f"{s['evict_ms_total']:>10.1f}{_mib(s['kv_bytes_allocated']):>13}"
-                     f"{_mib(s['kv_bytes_log']) + chk:>9}{_mib(s['peak_rss_bytes']):>13}")
+                     f"{s['evict_ms_total']:>10.1f}{mib_number(s['kv_bytes_allocated']):>13}"
+                     f"{mib_number(s['kv_bytes_log']) + chk:>9}{mib_number(s['peak_rss_bytes']):>13}")
     if any(s["peak_rss_bytes"] is None for s in rep["policies"].values()):
         lines.append(f"  (peak RSS per policy needs --sequential: interleaved policies share one process, whose peak "
-                     f"was {_mib(rep.get('peak_rss_bytes'))} MiB)")
+                     f"was {mib_number(rep.get('peak_rss_bytes'))} MiB)")
     idle = sorted({f"{r['policy']}@{r['position']}" for r in rep["rows"] if not r["policy"].startswith("full")
                    and r["position"] >= rep["budget"] and r["n_rounds"] == 0})
     if idle:
@@ -639,17 +636,16 @@ def format_report(rep: dict) -> str:
         lines.append(f"parallel: {p['n_seq']} x {p['policy']} (budget {rep['budget']}, position {p['position']}, "
                      f"{'unified' if p['kv_unified'] else 'one stream per sequence'}): "
                      f"{p['aggregate_tok_s']:.2f} tok/s aggregate, {p['per_seq_tok_s']:.2f} per sequence, "
-                     f"scoring {100 * p['score_share']:.2f}%, KV {_mib(p['kv_bytes'])} MiB")
+                     f"scoring {100 * p['score_share']:.2f}%, KV {mib_number(p['kv_bytes'])} MiB")
         v = p.get("vs_full")
         if v:
             lines.append(f"  vs one full sequence at {v['full_position']}: {v['full_tok_s']:.2f} tok/s, KV "
-                         f"{_mib(v['full_kv_bytes'])} MiB -> throughput x{v['throughput_ratio']:.2f}, "
+                         f"{mib_number(v['full_kv_bytes'])} MiB -> throughput x{v['throughput_ratio']:.2f}, "
                          f"KV memory x{v['kv_bytes_ratio']}")
     return "\n".join(lines)
 
 
 def plot_report(rep: dict, out: Path) -> None:
-    from .modelinfo import require_matplotlib
     plt = require_matplotlib()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in rep["policies"]:

@@ -194,7 +194,7 @@ def format_table(rows: Sequence[dict], metrics: Optional[Sequence[str]] = None) 
 
 def plot_rows(rows: Sequence[dict], metric: str, out, title: str = "") -> None:
     """metric against budget, one line per policy (full attention as a horizontal line)."""
-    from .modelinfo import require_matplotlib
+    from .report import require_matplotlib
     plt = require_matplotlib()
 
     rs = [r for r in rows if r["metric"] == metric]

@@ -29,6 +29,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+# the plot guard and its install hint live in pytriatt.report (still importable from here)
+from .report import PLOT_INSTALL_HINT, decimal_size, require_matplotlib  # noqa: F401
+
 __all__ = [
     "THRESHOLDS",
     "head_concentration",
@@ -46,7 +49,6 @@ __all__ = [
 ]
 
 THRESHOLDS = (0.95, 0.8)
-PLOT_INSTALL_HINT = "pip install 'pytriatt[plot]'"
 PAPER_NOTE = "the paper reports ~90% of Qwen3-8B heads above 0.95"
 
 
@@ -212,13 +214,6 @@ def format_profile(prof: Dict[str, Any], *, width: int = 30) -> str:
 # ---------------------------------------------------------------------------
 # info
 # ---------------------------------------------------------------------------
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{n} B"
 
 
 def model_summary(path_or_reader) -> Dict[str, Any]:
@@ -412,7 +407,7 @@ def info_report(path, model_arg: Optional[str] = None) -> Dict[str, Any]:
 def format_info(rep: Dict[str, Any]) -> str:
     """The text ``pytriatt info`` prints for an :func:`info_report`."""
     m = rep["model"]
-    lines = [f"file          {rep['file']}  ({_fmt_bytes(rep['bytes'])}, {m['n_tensors']} tensors)"]
+    lines = [f"file          {rep['file']}  ({decimal_size(rep['bytes'])}, {m['n_tensors']} tensors)"]
     lines.append(f"architecture  {m['architecture'] or '?'}" + (f"  \"{m['name']}\"" if m.get("name") else ""))
     if m.get("n_head") is not None:
         gqa = f", GQA {m['n_head'] // m['n_head_kv']}" if m.get("n_head_kv") else ""
@@ -491,17 +486,6 @@ def pick_heads(R: np.ndarray, n: int) -> List[Tuple[int, int]]:
     rest = flat[n_top:]
     low = rest[len(rest) - (n - n_top):] if n - n_top > 0 else []
     return [(l, h) for _, l, h in top + low]
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        raise ImportError(f"plotting needs matplotlib: {PLOT_INSTALL_HINT}") from None
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def plot_calibration(cal, out, *, n_heads: int = 4, title: Optional[str] = None, dpi: int = 120,

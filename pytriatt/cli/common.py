@@ -12,6 +12,7 @@ from typing import Optional
 from .. import _llama
 from .. import policy as kv_policy
 from ..errors import UserError
+from ..report import mib  # noqa: F401  (the subcommands' byte formatter)
 
 CliError = UserError     # an error the user can fix; printed as one line, exit status 2
 
@@ -21,10 +22,6 @@ MODEL_HELP = "GGUF path or model name (see: pytriatt models list)"
 def print_json(obj) -> None:
     json.dump(obj, sys.stdout, indent=1)
     sys.stdout.write("\n")
-
-
-def mib(n_bytes: float) -> str:
-    return f"{n_bytes / 2**20:.1f} MiB"
 
 
 # -- the model ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from ..corpus import read_text
 from ..errors import EvalError
 from ..eval_common import model_name, say
 from ..evaluate import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_rows
-from ..modelinfo import require_matplotlib
+from ..report import require_matplotlib
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_threads,
                      calib_file, flash_attn, gpu_layers, print_json, resolve_model, threads)
 

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import core, modelinfo
+from ..report import require_matplotlib
 from .common import CliError, add_model_argument, load_checked, print_json
 
 
@@ -58,7 +59,7 @@ def cmd_plot(args) -> int:
     if out.exists() and out.resolve() == path.resolve():
         raise CliError(f"refusing to overwrite the model {path} with a picture; choose another -o path")
     try:
-        modelinfo.require_matplotlib()
+        require_matplotlib()
     except ImportError as e:
         raise CliError(str(e)) from None
     r = core._reader(path)
