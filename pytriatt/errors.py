@@ -7,5 +7,13 @@ class UserError(ValueError):
     """Bad input or a setting that cannot mean what was asked; the message says what to do."""
 
 
+class CalibrationError(ValueError):
+    """A GGUF file's TriAttention metadata is missing, malformed or inconsistent."""
+
+
+class FingerprintMismatchError(CalibrationError):
+    """Statistics belong to another model than the one they are used with."""
+
+
 class EvalError(UserError):
     """A configuration `pytriatt eval` cannot run (a task, policy, budget or text it cannot use)."""

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import _llama
+from . import _llama, gguf_io
 from .eval_common import EvalError, load_model, mean_ci, model_name, read_text, row, say, text_tokens
 
 RECALL_POLICIES = ("full", "tri", "streaming", "random", "snapkv", "oracle")
@@ -148,20 +148,19 @@ def capture_qk(model, tokens: Sequence[int], q_positions: Sequence[int], *, n_ba
 def attention_layers(model_path) -> Dict[str, object]:
     """head counts, attention scale and which layers attend globally (Gemma 3's sliding-window
     layers only see the last n_swa tokens and are left out, as the patch's scorer leaves them)."""
-    from . import core
-    r = core._reader(model_path)
-    shape = core._model_shape(r)
+    from .gguf_model import model_shape, open_model
+    m = open_model(model_path)
+    shape = model_shape(m)
     arch, n_layer = shape["arch"], shape["n_layer"]
-    scale = core._scalar(r, f"{arch}.attention.scale")
+    scale = m.scalar(f"{arch}.attention.scale")
     head_dim = shape["head_dim"]
     is_swa = [False] * n_layer
-    if arch == "gemma3" and int(core._scalar(r, f"{arch}.attention.sliding_window", 0) or 0) > 0:
-        f = core._field(r, f"{arch}.attention.sliding_window_pattern")
-        import gguf
-        if f is not None and f.types[0] == gguf.GGUFValueType.ARRAY:
-            is_swa = [bool(v) for v in core._array(r, f"{arch}.attention.sliding_window_pattern")[:n_layer]]
+    if arch == "gemma3" and int(m.scalar(f"{arch}.attention.sliding_window", 0) or 0) > 0:
+        pattern = m.field(f"{arch}.attention.sliding_window_pattern")
+        if pattern is not None and pattern.type == gguf_io.T_ARRAY:
+            is_swa = [bool(v) for v in m.array(f"{arch}.attention.sliding_window_pattern")[:n_layer]]
         else:
-            k = int(core._scalar(r, f"{arch}.attention.sliding_window_pattern", 6))
+            k = int(m.scalar(f"{arch}.attention.sliding_window_pattern", 6))
             is_swa = [k == 0 or (il % k < k - 1) for il in range(n_layer)]
     elif arch not in ("llama", "qwen2", "qwen3", "gemma3"):
         raise EvalError(f"the recall task knows the attention of llama, qwen2, qwen3 and gemma3 models, not {arch!r}")

@@ -35,7 +35,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 
 __all__ = ["GGUFHeader", "KeyValue", "TensorInfo", "read_header", "write_with_metadata", "encode_value",
-           "DEFAULT_ALIGNMENT", "COPY_CHUNK"]
+           "DEFAULT_ALIGNMENT", "COPY_CHUNK", "type_name", "ggml_type_name", "read_string_array_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -279,6 +279,44 @@ def read_header(path: PathLike) -> GGUFHeader:
             except _Truncated:
                 raise ValueError(f"{path} is truncated or corrupt: its header runs past the end of the "
                                  f"file ({size} bytes); re-download or re-create it") from None
+
+
+def type_name(vtype: int) -> str:
+    """The GGUF name of a value type: "uint32", "string", "array", ..."""
+    return _TYPE_NAMES.get(vtype, "?")
+
+
+def ggml_type_name(ggml_type: int) -> str:
+    """The ggml name of a tensor type ("F32", "Q8_0"), or its number where the gguf package lacks it."""
+    try:
+        import gguf
+
+        return gguf.GGMLQuantizationType(ggml_type).name
+    except (ImportError, ValueError):
+        return str(ggml_type)
+
+
+def read_string_array_bytes(header: GGUFHeader, key: str) -> List[bytes]:
+    """The elements of a string array as stored, undecoded (read_header decodes strings, replacing invalid
+    UTF-8; a hash over a vocabulary must see the bytes). Reads only that key/value pair's bytes."""
+    kv = next((kv for kv in header.kv if kv.key == key), None)
+    if kv is None or kv.type != T_ARRAY or kv.item_type != T_STRING:
+        raise ValueError(f"{header.path}: {key} is not an array of strings")
+    with open(header.path, "rb") as f:
+        f.seek(kv.start)
+        buf = f.read(kv.end - kv.start)
+    cur = _Cursor(buf, len(buf))
+    try:
+        cur.take(cur.u64())          # the key
+        cur.take(4 + 4)              # value type, element type
+        out = []
+        for _ in range(cur.u64()):
+            n = cur.u64()
+            p = cur.take(n)
+            out.append(bytes(buf[p:p + n]))
+    except _Truncated:
+        raise ValueError(f"{header.path} changed while it was being read") from None
+    return out
 
 
 def _parse(mm, size: int, version: int, path: Path) -> GGUFHeader:

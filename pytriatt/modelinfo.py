@@ -29,6 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .errors import CalibrationError
+from .gguf_model import ModelMeta, model_shape, open_model
 # the plot guard and its install hint live in pytriatt.report (still importable from here)
 from .report import PLOT_INSTALL_HINT, decimal_size, require_matplotlib  # noqa: F401
 
@@ -218,20 +220,20 @@ def format_profile(prof: Dict[str, Any], *, width: int = 30) -> str:
 
 def model_summary(path_or_reader) -> Dict[str, Any]:
     """Architecture facts of a GGUF model: what ``pytriatt info`` prints first."""
-    from . import core
+    from .rope import ROPE_PAIRING
 
-    r = core._reader(path_or_reader)
-    arch = str(core._scalar(r, "general.architecture", "") or "")
-    k = lambda name, default=None: core._scalar(r, f"{arch}.{name}", default)  # noqa: E731
+    m = open_model(path_or_reader)
+    arch = str(m.scalar("general.architecture", "") or "")
+    k = lambda name, default=None: m.scalar(f"{arch}.{name}", default)  # noqa: E731
     out: Dict[str, Any] = {
         "architecture": arch or None,
-        "name": str(core._scalar(r, "general.name", "") or "") or None,
-        "rope_type": core.ROPE_PAIRING.get(arch, "unknown"),
-        "n_tensors": len(r.tensors),
+        "name": str(m.scalar("general.name", "") or "") or None,
+        "rope_type": ROPE_PAIRING.get(arch, "unknown"),
+        "n_tensors": len(m.tensors),
     }
     try:
-        shape = core._model_shape(r)
-    except (NotImplementedError, core.CalibrationError) as e:
+        shape = model_shape(m)
+    except (NotImplementedError, CalibrationError) as e:
         out.update(n_layer=k("block_count"), supported=False, unsupported_reason=str(e))
         return out
     n_head, n_kv = shape["heads"][0] if shape["heads"] else 0, shape["heads_kv"][0] if shape["heads_kv"] else 0
@@ -250,19 +252,19 @@ def model_summary(path_or_reader) -> Dict[str, Any]:
         context_length=k("context_length"),
         sliding_window=k("attention.sliding_window"),
     )
-    out.update(_support(r, arch, out))
+    out.update(_support(m, arch, out))
     return out
 
 
-def _support(r, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]:
+def _support(m: ModelMeta, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]:
     """Whether TriAttention applies to the model and why not (``supported``, ``unsupported_reason``), and
     what a user should know about how it is scored (``notes``; ``note`` joins them): the answers of
     docs/architectures.md for one file."""
-    from . import core
+    from .rope import FREQ_FACTOR_ARCHS, MROPE_ARCHS, VERIFIED_ARCHS, no_rope_layers
 
-    k = lambda name, default=None: core._scalar(r, f"{arch}.{name}", default)  # noqa: E731
-    if arch in core._MROPE_OR:
-        summary["rope_type"] = "mrope" if k("rope.dimension_sections") is not None else core._MROPE_OR[arch]
+    k = lambda name, default=None: m.scalar(f"{arch}.{name}", default)  # noqa: E731
+    if arch in MROPE_ARCHS:
+        summary["rope_type"] = "mrope" if k("rope.dimension_sections") is not None else MROPE_ARCHS[arch]
     rope_type = summary["rope_type"]
     if int(k("attention.kv_lora_rank", 0) or 0) > 0:
         return dict(supported=False, unsupported_reason=(
@@ -281,15 +283,15 @@ def _support(r, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]:
                                                          f"NEOX in this llama.cpp)")
     notes: List[str] = []
     n_layer, head_dim, n_rot = summary.get("n_layer") or 0, summary.get("head_dim"), summary.get("n_rot")
-    nope = [il for il, no in enumerate(core._no_rope_layers(arch, n_layer)) if no]
+    nope = [il for il, no in enumerate(no_rope_layers(arch, n_layer)) if no]
     if nope:
         shown = ", ".join(map(str, nope[:6])) + (", ..." if len(nope) > 6 else "")
         notes.append(f"{'layer' if len(nope) == 1 else 'layers'} {shown} {'has' if len(nope) == 1 else 'have'} no RoPE (NoPE): scored by the distance-free term (docs/method.md); "
                      f"shift is refused")
     if arch in ("llama4", "afmoe", "smallthinker"):
         notes.append("this architecture skips RoPE in some layers (NoPE) and its RoPE reading is not verified")
-    if arch in core._FREQ_FACTOR_ARCHS:
-        names = {t.name for t in r.tensors}
+    if arch in FREQ_FACTOR_ARCHS:
+        names = {t.name for t in m.tensors}
         if "rope_freqs.weight" in names:
             notes.append("per-band rope_freqs (llama 3 style scaling): applied to the scoring frequencies")
         elif {"rope_factors_long.weight", "rope_factors_short.weight"} & names:
@@ -298,8 +300,8 @@ def _support(r, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]:
                          f"{orig}, the short ones otherwise; the policy scores with the same ones")
     if head_dim and n_rot and n_rot < head_dim:
         notes.append(f"partial rotary ({n_rot} of {head_dim} dims): only the rotary dims are scored")
-    if arch not in core.VERIFIED_ARCHS:
-        notes.append(f"RoPE reading not verified for {arch!r} (verified: {', '.join(core.VERIFIED_ARCHS)}); "
+    if arch not in VERIFIED_ARCHS:
+        notes.append(f"RoPE reading not verified for {arch!r} (verified: {', '.join(VERIFIED_ARCHS)}); "
                      f"the C++ policy takes its RoPE from llama.cpp itself")
     out: Dict[str, Any] = dict(supported=True)
     if notes:
@@ -314,9 +316,7 @@ def support_report(path) -> Dict[str, Any]:
     says per policy whether it attaches (``"yes"``) or why not; the answers follow
     docs/architectures.md (refusals are those the C++ policy makes at attach).
     """
-    from . import core
-
-    m = model_summary(core._reader(path))
+    m = model_summary(open_model(path))
     arch = m.get("architecture") or "?"
     rep: Dict[str, Any] = {"file": str(path), "architecture": arch, "supported": bool(m.get("supported")),
                            "notes": list(m.get("notes") or [])}
@@ -366,31 +366,32 @@ def info_report(path, model_arg: Optional[str] = None) -> Dict[str, Any]:
     and ``n_layer/n_head/n_freq``; ``profile`` is the :func:`concentration_profile`.
     A calibration that cannot be read gives ``calibration: {"error": ...}``.
     """
-    from . import core
+    from .calibration import Calibration
+    from .fingerprint import model_fingerprint
 
     path = Path(path)
-    r = core._reader(path)
+    r = open_model(path)
     rep: Dict[str, Any] = {"file": str(path), "bytes": path.stat().st_size, "model": model_summary(r)}
     try:
-        own_fp: Optional[str] = core.model_fingerprint(r)
-    except (NotImplementedError, core.CalibrationError):
+        own_fp: Optional[str] = model_fingerprint(r)
+    except (NotImplementedError, CalibrationError):
         own_fp = None
     rep["model"]["fingerprint"] = own_fp
-    if core._field(r, "triattention.version") is None:
+    if r.field("triattention.version") is None:
         rep["calibration"] = None
         rep["profile"] = None
         rep["calibrate_command"] = calibrate_command(model_arg or str(path))
         return rep
     try:
-        cal = core.Calibration.from_gguf(r, strict=False)
-    except (core.CalibrationError, NotImplementedError, ValueError) as e:
+        cal = Calibration.from_gguf(r, strict=False)
+    except (CalibrationError, NotImplementedError, ValueError) as e:
         msg = str(e).replace("GGUF: ", "", 1)
         rep["calibration"] = {"error": msg}
         rep["profile"] = None
         rep["calibrate_command"] = calibrate_command(model_arg or str(path))
         return rep
     rep["calibration"] = {
-        "version": int(core._scalar(r, "triattention.version")),
+        "version": int(r.scalar("triattention.version")),
         "tokens": cal.calib_tokens,
         "source": cal.calib_source,
         "fingerprint": cal.model_fingerprint,

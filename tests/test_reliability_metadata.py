@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from pytriatt import core, gguf_io
+from pytriatt.gguf_model import model_shape, open_model
 from pytriatt import gguf_io as g
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +46,7 @@ def lc():
 def calibrated(src: Path, dst: Path, seed=0) -> Path:
     """src with statistics that are valid for its shape (random, consistent: |E q| <= E|q|)."""
     rope = core.RopeSpec.from_gguf(src)
-    shape = core._model_shape(core._reader(src))
+    shape = model_shape(open_model(src))
     L, H, F = rope.n_layer, shape["heads"][0], rope.n_freq
     fields = fz.calib_fields(L, H, F, np.random.default_rng(seed), fingerprint=core.model_fingerprint(src))
     gguf_io.write_with_metadata(src, dst, fields)

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import core, modelinfo
+from ..gguf_model import open_model
 from ..report import require_matplotlib
 from .common import CliError, add_model_argument, load_checked, print_json
 
@@ -62,15 +63,15 @@ def cmd_plot(args) -> int:
         require_matplotlib()
     except ImportError as e:
         raise CliError(str(e)) from None
-    r = core._reader(path)
-    if core._field(r, "triattention.version") is None:
+    r = open_model(path)
+    if r.field("triattention.version") is None:
         raise CliError(f"{path} carries no TriAttention calibration; add it with: "
                        f"{modelinfo.calibrate_command(args.model)}")
     try:
         cal = core.Calibration.from_gguf(r, strict=False)
     except NotImplementedError as e:
         raise CliError(str(e)) from None
-    name = core._scalar(r, "general.name", "") or path.name
+    name = r.scalar("general.name", "") or path.name
     title = (f"TriAttention calibration of {name}  ({cal.calib_tokens} tokens"
              + (f" of {cal.calib_source}" if cal.calib_source else "") + ")")
     res = modelinfo.plot_calibration(cal, out, n_heads=args.heads, title=title)
