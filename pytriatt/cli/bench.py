@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import policy as kv_policy
-from ..bench import format_report, parse_policies, plot_report, run_bench
+from ..benchmark import format_report, parse_policies, plot_report, run_bench
 from ..report import require_matplotlib
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_threads,
                      calib_file, gpu_layers, print_json, resolve_model, threads)
