@@ -9,8 +9,8 @@ from typing import List
 from .. import policy as kv_policy
 from ..corpus import read_text
 from ..errors import EvalError
-from ..eval_common import model_name, say
-from ..evaluate import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_rows
+from ..evaluation import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_rows
+from ..evaluation.common import model_name, say
 from ..report import require_matplotlib
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_threads,
                      calib_file, flash_attn, gpu_layers, print_json, resolve_model, threads)
@@ -161,7 +161,7 @@ def cmd_eval(args) -> int:
         if not policies:
             raise EvalError("--policies is empty")
         if args.task == "recall" and args.ablations:
-            from ..eval_recall import TRI_ABLATIONS
+            from ..evaluation.recall import TRI_ABLATIONS
             policies += [p for p in TRI_ABLATIONS if p not in policies]
         if args.task == "recall" and "oracle" not in policies:
             policies.append("oracle")
