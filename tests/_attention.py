@@ -7,7 +7,7 @@ import re
 
 import numpy as np
 
-from pytriatt.eval_recall import GgmlTensor, ggml_lib, read_tensor
+from pytriatt.ggml_tensors import GgmlTensor, ggml_lib, read_tensor
 
 
 class Capture:

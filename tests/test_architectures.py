@@ -143,7 +143,7 @@ def test_tri_on_a_model_with_nope_layers_evicts_what_the_core_selects(tiny_calib
 
     from pytriatt import _llama
     from pytriatt.core import Calibration, select
-    from pytriatt.eval_recall import GgmlTensor, ggml_lib, read_tensor
+    from pytriatt.ggml_tensors import GgmlTensor, ggml_lib, read_tensor
 
     path = tiny_calibrated("smollm3")
     cal = Calibration.from_gguf(path)

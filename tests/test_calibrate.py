@@ -116,7 +116,7 @@ def test_merging_two_half_runs_equals_one_full_run(tiny_gguf):
 
 def _python_capture(path, windows):
     """An independent capture: a Python eval callback reads every layer's query RoPE input."""
-    from pytriatt.eval_recall import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
+    from pytriatt.ggml_tensors import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
 
     from pytriatt import _llama
     from pytriatt.context import Context

@@ -31,7 +31,7 @@ import pytest
 
 from pytriatt.core import RopeSpec
 # the ggml tensor reader of pytriatt's recall task (test_calibrate and test_kv_policy import these names from here)
-from pytriatt.eval_recall import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor
+from pytriatt.ggml_tensors import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor
 
 gguf = pytest.importorskip("gguf")
 

@@ -95,7 +95,7 @@ def test_random_is_reproducible_with_its_seed(tiny_gguf):
 
 def _capture_keys():
     """An eval callback storing every layer's post-RoPE keys by position, as llama.cpp caches them."""
-    from pytriatt.eval_recall import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
+    from pytriatt.ggml_tensors import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
 
     from pytriatt import _llama
 
@@ -314,7 +314,7 @@ def test_shift_on_a_recurrent_model_is_refused_at_attach(tmp_path):
 
 def _capture_keys_and_queries():
     """An eval callback keeping post-RoPE keys by position and the post-RoPE queries in decode order."""
-    from pytriatt.eval_recall import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
+    from pytriatt.ggml_tensors import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
 
     from pytriatt import _llama
 
