@@ -126,3 +126,23 @@ def test_the_readme_budget_examples_run_as_written(workdir):
     calibrated = run_readme_line(lines[2], workdir)
     assert re.search(r"policy tri, budget 256, interval 128, shift: [1-9]\d* evictions", calibrated.stderr), \
         calibrated.stderr[-1500:]
+
+
+def test_the_readme_python_example_runs_as_written_and_its_comments_are_true(workdir):
+    if not (workdir / "smollm2.tri.gguf").is_file():
+        pytest.skip("needs the calibration example's output (run the whole module)")
+    text = (ROOT / "README.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "kv_policy=" in b)
+    lines = block.splitlines()
+    sizes = next(ln for ln in lines if ln.startswith("llm.n_ctx(), llm.kv_cells"))
+    stats = next(ln for ln in lines if ln.startswith("llm.kv_stats()"))
+    claimed_sizes = [int(x) for x in re.findall(r"(\d+) \(", sizes.split("#")[1])]
+    claimed_keys = re.findall(r"\b([a-z_]+)\b", "".join(ln.split("#")[1] for ln in lines[lines.index(stats):]))
+    check = (f"\nassert (llm.n_ctx(), llm.kv_cells) == tuple({claimed_sizes}), (llm.n_ctx(), llm.kv_cells)"
+             f"\nst = llm.kv_stats()\nmissing = [k for k in {claimed_keys} if k not in st]"
+             f"\nassert not missing, missing"
+             # a generation past budget + interval evicted (the model may end its story sooner)
+             f"\nassert st['n_rounds_total'] > 0 or llm.n_tokens <= 512 + 128, st\n")
+    r = subprocess.run([sys.executable, "-c", block + check], cwd=workdir, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]

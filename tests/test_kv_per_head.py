@@ -203,7 +203,7 @@ def test_configurations_per_head_cannot_serve_are_refused(calibrated):
     with Context(m, n_ctx=256, n_batch=64) as ctx:
         with pytest.raises(ValueError, match="only tri and snapkv"):
             ctx.set_kv_policy("streaming", BUDGET, per_head=True)
-        with pytest.raises(ValueError, match="cannot shift"):
+        with pytest.raises(ValueError, match="per_head cannot be combined with shift"):
             ctx.set_kv_policy("tri", BUDGET, per_head=True, shift=True)
         with pytest.raises(ValueError, match="per_head must be"):
             ctx.set_kv_policy("tri", BUDGET, per_head="heads")

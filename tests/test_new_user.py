@@ -100,7 +100,7 @@ def test_calibrate_on_the_fly_takes_a_size_and_names_its_file_safely(tiny_gguf, 
                 "-n", "4")
     assert r.returncode == 0, r.stderr
     assert "on 600 tokens" in r.stderr
-    made = list((tmp_path / "calibrated").glob("*.tri.gguf"))
+    made = list((tmp_path / "calibrated").glob("*.calib.gguf"))
     assert len(made) == 1 and ":" not in made[0].name and "-600.calib.gguf" in made[0].name
 
 

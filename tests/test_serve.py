@@ -111,6 +111,8 @@ def test_a_streamed_chat_of_4x_the_budget_completes_and_evicts_within_budget(ser
     assert finish == "length"
     assert len("".join(chunks)) > n_gen   # text came out all along, not only at the start
     st = server.stats()
+    # read at once after the stream's end, the counters already include this request
+    assert st["requests"] == before["requests"] + 1
     # the sequence is prompt + generated tokens (the last sampled token is not decoded)
     assert st["n_tokens"] >= n_gen
     assert st["n_rounds"] > before["n_rounds"] and st["n_evicted"] > before["n_evicted"]
@@ -164,6 +166,15 @@ def _serve_error(capsys, argv: list[str]) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err and err.count("\n") == 1, err
     return err
+
+
+def test_the_served_model_id_is_the_alias_else_the_model_name_else_the_file_name(tmp_path):
+    from pytriatt.cli.serve import served_model_id
+
+    path = tmp_path / "sub" / "my-model.Q4_K.gguf"
+    assert served_model_id("chat", "./sub/my-model.Q4_K.gguf", path) == "chat"
+    assert served_model_id(None, "smollm2-135m", path) == "smollm2-135m"
+    assert served_model_id(None, "./sub/my-model.Q4_K.gguf", path) == "my-model.Q4_K.gguf"
 
 
 def test_budget_flags_out_of_range_are_refused_at_start_up(capsys, smollm2_path):

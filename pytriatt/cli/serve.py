@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from .. import _llama, models
 from ..models import DEFAULT_MODEL
@@ -18,6 +19,12 @@ def _check_flags(args) -> None:
         raise CliError("-c/--ctx-size must be >= 0 (0: the model's trained context)")
 
 
+def served_model_id(alias, model_arg: str, path) -> str:
+    """The model id clients see in /v1/models and responses: --alias, else the model's name (pytriatt models
+    list), else the GGUF file's name (not the path as typed, which would leak the directory layout)."""
+    return alias or (model_arg if model_arg in models.MODELS else Path(path).name)
+
+
 def build_app(args):
     """Check everything, load the model and return (asgi_app, monitor, listening_socket)."""
     _check_flags(args)
@@ -27,8 +34,7 @@ def build_app(args):
     server_app, ModelSettings, ServerSettings = import_server()
     kv = kv_policy_args(args, path, model_arg)   # the same settings `pytriatt run` passes to Llama
     sock = bind(args.host, args.port)
-    # the model id clients see: the name given, or the file's name (not a path as typed)
-    alias = args.alias or (model_arg if model_arg in models.MODELS else path.name)
+    alias = served_model_id(args.alias, model_arg, path)
     n_ctx = args.ctx_size if args.ctx_size is not None else (0 if kv else 2048)
     verbose = bool(os.environ.get("PYTRIATT_VERBOSE"))
     try:
