@@ -137,6 +137,11 @@ class Context:
         self._cb_eval = cb_eval  # keep the ctypes callback alive
         self.ctx_ptr = lc.llama_init_from_model(model.ptr, params)
         if not self.ctx_ptr:
+            quantized = [t for t in (type_k, type_v) if t and KV_CACHE_TYPES[t][2] > 1]
+            if quantized:
+                raise ValueError(f"llama.cpp could not create a context with a {quantized[0]} KV cache: a quantized "
+                                 f"cache needs the model's head size to be a multiple of the type's block "
+                                 f"({KV_CACHE_TYPES[quantized[0]][2]} values); use f16")
             raise ValueError(f"llama.cpp could not create a context with n_ctx={n_ctx}")
         self.model = model
         self.n_batch = n_batch

@@ -226,3 +226,17 @@ def test_the_shift_mode_is_compared_with_gaps_or_refused_in_one_line(tiny, tiny_
     row = {r["policy"]: r for r in rep["rows"] if r["position"] == 200}
     assert x["shift_cost_share"] == pytest.approx(1 - row["tri+shift"]["decode_tok_s"] / row["tri"]["decode_tok_s"],
                                                   abs=1e-3)
+
+
+def test_the_table_says_why_a_score_share_is_zero_and_where_per_policy_rss_is(report, tiny):
+    text = bench.format_report(report)
+    # interleaved (the default): no per-policy peak RSS, and the table says how to get it
+    assert "peak RSS per policy needs --sequential" in text
+    # a window of one interval holds a round at every position past the budget: nothing to explain
+    assert "no eviction round fell in the timed window" not in text
+    short = run(tiny, "full,streaming", positions=(320,), window=4)
+    idle = [r for r in short["rows"] if r["policy"] == "streaming" and r["n_rounds"] == 0]
+    if idle:
+        assert "no eviction round fell in the timed window (streaming@320)" in bench.format_report(short)
+    else:   # the 4 steps happened to contain a round: the note must then stay away
+        assert "no eviction round fell" not in bench.format_report(short)

@@ -147,3 +147,37 @@ def test_a_conversation_says_what_it_lost_and_kv_protect_prompt_keeps_the_first_
     llm, first = chat(kv_protect_prompt=True)
     import pytriatt
     assert set(range(first)) <= set(pytriatt.seq_positions(llm, 0).tolist())   # the first turn, all of it
+
+
+def test_every_subcommand_spells_llamas_flags_one_way_with_one_default():
+    """-m, -t, -ngl, -c, -ctk/-ctv (and -fa where llama.cpp's choice is not kept) mean the same everywhere."""
+    from pytriatt.cli import build_parser
+
+    ap = build_parser()
+    sub = next(a for a in ap._actions if a.dest == "command").choices
+    flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.items()}
+    for name in ("run", "serve", "eval", "bench", "calibrate"):
+        # bench's --positions are its sequence lengths: no -c there
+        assert {"-m", "-t", "-ngl"} | ({"-c"} if name != "bench" else set()) <= flags[name], name
+    for name in ("run", "serve", "eval", "bench"):
+        assert {"-ctk", "-ctv"} <= flags[name] or name == "serve", name
+    defaults = {}
+    for name in ("run", "eval", "bench"):
+        args = ap.parse_args([name, "m.gguf"] + (["--task", "nll"] if name == "eval" else []))
+        defaults[name] = (args.threads, args.n_gpu_layers, args.cache_type_k, args.cache_type_v,
+                          args.calib_tokens)
+    assert len(set(defaults.values())) == 1, defaults
+
+
+def test_eval_takes_llamas_runtime_flags(tiny_gguf):
+    r = run_cli("eval", tiny_gguf("llama"), "--task", "nll", "--policies", "full,streaming", "--budgets", "48",
+                "-c", "160", "-t", "1", "-ngl", "0", "-ctk", "bf16", "-ctv", "f16", "-fa", "on", "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {x["policy"] for x in rows} == {"full", "streaming"} and all(x["n"] > 0 for x in rows)
+    r = run_cli("eval", tiny_gguf("llama"), "--task", "nll", "--budgets", "48", "-ctv", "q8_0", "-fa", "off")
+    assert r.returncode == 2 and "needs flash attention" in r.stderr
+    # the tiny model's heads (16 values) cannot hold q8_0 blocks (32): said as such, not as a bad n_ctx
+    r = run_cli("eval", tiny_gguf("llama"), "--task", "nll", "--policies", "full", "-c", "160", "-ctk", "q8_0",
+                "-fa", "on")
+    assert r.returncode == 2 and "multiple of the type's block" in r.stderr

@@ -33,7 +33,7 @@ def format_report(rep: dict) -> str:
         lines.append(f"  (peak RSS per policy needs --sequential: interleaved policies share one process, whose peak "
                      f"was {mib_number(rep.get('peak_rss_bytes'))} MiB)")
     idle = sorted({f"{r['policy']}@{r['position']}" for r in rep["rows"] if not r["policy"].startswith("full")
-                   and r["position"] >= rep["budget"] and r["n_rounds"] == 0})
+                   and r["position"] >= rep["budget"] + rep["interval"] and r["n_rounds"] == 0})
     if idle:
         lines.append(f"  (score% is 0 where no eviction round fell in the timed window ({', '.join(idle)}): a "
                      f"--window of at least --interval ({rep['interval']}) times one round per window)")
