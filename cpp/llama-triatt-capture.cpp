@@ -20,7 +20,7 @@
 
 #include "llama.h"
 #include "llama-model.h"
-#include "llama-triatt-policy.h"
+#include "llama-triatt-calib.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"

@@ -9,6 +9,7 @@
 // mask (built from the cell's position) is the same for every head.
 
 #include "llama-triatt-policy.h"
+#include "llama-triatt-kv.h"
 
 #include "llama-context.h"
 #include "llama-kv-cache.h"
@@ -114,17 +115,6 @@ static void triatt_move_segments(ggml_tensor * t, uint32_t stream, bool transpos
     if (staged) {
         ggml_backend_tensor_set(t, stage.data(), off_stream, n_bytes);
     }
-}
-
-ggml_backend_t triatt_backend_of(llama_context & ctx, const ggml_tensor * t) {
-    ggml_backend_sched_t sched = ctx.get_sched();
-    for (int i = 0; t->buffer && i < ggml_backend_sched_get_n_backends(sched); ++i) {
-        ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
-        if (ggml_backend_supports_buft(b, ggml_backend_buffer_get_type(t->buffer))) {
-            return b;
-        }
-    }
-    return nullptr;
 }
 
 // the same moves as a ggml graph on the backend that holds t (a cache in device memory stays there): t's stream

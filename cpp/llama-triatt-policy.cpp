@@ -2,7 +2,8 @@
 // See llama-triatt-policy.h. The algorithm (scoring, ranking) lives in triatt-*.cpp.
 
 #include "llama-triatt-policy.h"
-#include "llama-triatt-score-backend.h"
+#include "llama-triatt-calib.h"
+#include "llama-triatt-kv.h"
 
 #include "llama-batch.h"
 #include "llama-context.h"
@@ -12,7 +13,6 @@
 #include "llama-model.h"
 
 #include "ggml-backend.h"
-#include "gguf.h"
 
 #include <algorithm>
 #include <chrono>
@@ -26,191 +26,32 @@ static double triatt_now_ms() {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 
-// in-place orthonormal Walsh-Hadamard transform of n (a power of two) values, in the same
-// (Sylvester) order as the matrix llama.cpp rotates quantized K with
-static void triatt_hadamard(float * x, int32_t n) {
-    for (int32_t h = 1; h < n; h *= 2) {
-        for (int32_t i = 0; i < n; i += 2*h) {
-            for (int32_t j = i; j < i + h; ++j) {
-                const float a = x[j];
-                const float b = x[j + h];
-                x[j]     = a + b;
-                x[j + h] = a - b;
-            }
-        }
-    }
-    const float scale = 1.0f / std::sqrt((float) n);
-    for (int32_t i = 0; i < n; ++i) {
-        x[i] *= scale;
-    }
-}
-
-// the cache holding the full-attention layers: the plain cache, or the base of the SWA pair
-static llama_kv_cache * triatt_full_cache(llama_context & ctx) {
-    llama_memory_i * mem = ctx.get_memory();
-    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
-        return kv;
-    }
-    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
-        return iswa->get_base();
-    }
-    return nullptr;
-}
-
-// the calibration must belong to this model: a copy of it (pytriatt calibrate writes the model with the
-// statistics added) carries the same architecture hyper-parameters ({arch}.*, general.architecture/name)
-// and vocabulary size; quantizations of one model share them, so their statistics transfer
-static bool triatt_check_same_model(gguf_context * g, const char * path, const llama_model & model, std::string & err) {
-    char key[256];
-    char val[1024];
-    const int32_t n_meta = llama_model_meta_count(&model);
-    std::string arch;
-    if (llama_model_meta_val_str(&model, "general.architecture", val, sizeof(val)) >= 0) {
-        arch = val;
-    }
-    const bool full_copy = gguf_find_key(g, (arch + ".block_count").c_str()) >= 0;
-    for (int32_t i = 0; i < n_meta; ++i) {
-        if (llama_model_meta_key_by_index(&model, i, key, sizeof(key)) < 0 ||
-            llama_model_meta_val_str_by_index(&model, i, val, sizeof(val)) < 0) {
-            continue;
-        }
-        const std::string k = key;
-        const bool identity = k == "general.architecture" || k == "general.name";
-        const bool hparam   = k.rfind(arch + ".", 0) == 0;
-        if (!identity && !(hparam && full_copy)) {
-            continue;
-        }
-        const int64_t id = gguf_find_key(g, key);
-        const std::string theirs = id >= 0 ? gguf_kv_to_str(g, (int) id) : std::string("(absent)");
-        if (theirs.substr(0, sizeof(val) - 1) != val) {
-            err = std::string(path) + " holds statistics of another model (" + k + " '" + theirs.substr(0, 64) +
-                  "', this model: '" + std::string(val).substr(0, 64) + "'): calibrate this model";
-            return false;
-        }
-    }
-    const int64_t id_tok = gguf_find_key(g, "tokenizer.ggml.tokens");
-    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(&model));
-    if (full_copy && id_tok >= 0 && (gguf_get_kv_type(g, id_tok) != GGUF_TYPE_ARRAY || (int64_t) gguf_get_arr_n(g, id_tok) != n_vocab)) {
-        err = std::string(path) + " holds statistics of a model with another vocabulary: calibrate this model";
-        return false;
-    }
-    return true;
-}
-
-// read the triattention.* statistics of a GGUF file into cal (shape fields must already be set); every
-// value is checked before use: the file may come from anywhere
-static bool triatt_read_calib(const char * path, const llama_model & model, triatt_calib & cal, std::string & err) {
-    gguf_init_params gp = { /*.no_alloc =*/ true, /*.ctx =*/ nullptr };
-    gguf_context * g = gguf_init_from_file(path, gp);
-    if (!g) {
-        err = std::string("cannot read ") + path + " as GGUF";
-        return false;
-    }
-    bool ok = true;
-    // 0: read, 1: absent, 2: wrong type
-    auto u32 = [&](const char * key, uint32_t & out) {
-        const int64_t id = gguf_find_key(g, key);
-        if (id < 0) {
-            return 1;
-        }
-        if (gguf_get_kv_type(g, id) != GGUF_TYPE_UINT32) {
-            err = std::string(path) + ": " + key + " is not a uint32: the file is damaged; calibrate the model again";
-            return 2;
-        }
-        out = gguf_get_val_u32(g, id);
-        return 0;
-    };
-    uint32_t version = 0, n_layer = 0, n_head = 0, n_freq = 0;
-    int rc = 0;
-    for (auto [key, out] : { std::pair<const char *, uint32_t *>{ "triattention.version", &version },
-                             { "triattention.n_layer", &n_layer }, { "triattention.n_head", &n_head },
-                             { "triattention.n_freq", &n_freq } }) {
-        rc = std::max(rc, u32(key, *out));
-        if (rc == 2) {
-            break;
-        }
-    }
-    if (rc == 1) {
-        err = std::string(path) + " carries no TriAttention statistics (triattention.* metadata); "
-              "add them with: pytriatt calibrate MODEL -o OUT.gguf, and use OUT.gguf (Python: kv_calib=, "
-              "llama.cpp: --kv-calib); or use the streaming policy, which needs no statistics";
-        ok = false;
-    } else if (rc == 2) {
-        ok = false;
-    } else if (version != TRIATT_CALIB_VERSION) {
-        err = std::string(path) + ": unsupported triattention.version " + std::to_string(version);
-        ok = false;
-    } else if (n_layer != (uint32_t) cal.n_layer || n_head != (uint32_t) cal.n_head || n_freq < 1 ||
-               n_freq > (uint32_t) cal.head_dim / 2) {
-        err = std::string(path) + " holds statistics for another model shape (" + std::to_string(n_layer) + " layers, " +
-              std::to_string(n_head) + " heads, " + std::to_string(n_freq) + " bands; this model has " +
-              std::to_string(cal.n_layer) + ", " + std::to_string(cal.n_head) + ", at most " +
-              std::to_string(cal.head_dim / 2) + "): calibrate this model";
-        ok = false;
-    }
-    ok = ok && triatt_check_same_model(g, path, model, err);
-    const size_t n = (size_t) n_layer * n_head * n_freq;
-    auto arr = [&](const char * key, std::vector<float> & out) {
-        const int64_t id = gguf_find_key(g, key);
-        if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_ARRAY || gguf_get_arr_type(g, id) != GGUF_TYPE_FLOAT32 ||
-            gguf_get_arr_n(g, id) != n) {
-            err = std::string(path) + ": " + key + " is missing or not " + std::to_string(n) + " float32 values";
-            return false;
-        }
-        const float * d = (const float *) gguf_get_arr_data(g, id);
-        out.assign(d, d + n);
-        for (float v : out) {
-            if (!std::isfinite(v)) {
-                err = std::string(path) + ": " + key + " holds non-finite values";
-                return false;
-            }
-        }
-        return true;
-    };
-    if (ok) {
-        cal.n_freq = (int32_t) n_freq;
-        ok = arr("triattention.q_mean_real", cal.q_mean_re) && arr("triattention.q_mean_imag", cal.q_mean_im) &&
-             arr("triattention.q_abs_mean", cal.q_abs_mean);
-    }
-    // statistics, not just numbers: E|q| >= 0 and |E q| <= E|q| (up to rounding)
-    for (size_t i = 0; ok && i < n; ++i) {
-        const float a = cal.q_abs_mean[i];
-        const float m = std::hypot(cal.q_mean_re[i], cal.q_mean_im[i]);
-        if (a < 0.0f || m > a * (1.0f + 1e-4f) + 1e-12f) {
-            err = std::string(path) + ": the statistics are inconsistent (|E q| > E|q| or E|q| < 0 at index " +
-                  std::to_string(i) + "): the file is damaged; calibrate the model again";
-            ok = false;
-        }
-    }
-    gguf_free(g);
-    return ok;
-}
-
 llama_kv_policy::~llama_kv_policy() {
-    triatt_score_backend_free(scorer_be);
     ggml_gallocr_free(move_galloc);
-    triatt_scorer_free(scorer);
     triatt_selector_free(selector);
 }
 
-bool triatt_layer_has_rope(const llama_model & model, int32_t il) {
-    const auto & hp = model.hparams;
-    if (!hp.has_rope((uint32_t) il)) {
-        return false;
+namespace {
+
+// streaming and random rank without scores
+struct llama_kv_scorer_none : llama_kv_scorer {
+    triatt_rank by;
+
+    explicit llama_kv_scorer_none(triatt_rank by) : by(by) {}
+
+    triatt_rank rank() const override {
+        return by;
     }
-    // the architectures whose graph skips RoPE by n_no_rope_layer_step (each reads it its own way)
-    const uint32_t step = hp.n_no_rope_layer_step;
-    switch (model.arch) {
-        case LLM_ARCH_SMOLLM3:
-            return step == 0 || (il + 1) % step != 0;
-        case LLM_ARCH_LLAMA4:
-        case LLM_ARCH_AFMOE:
-            return step > 0 && (il + 1) % step != 0;
-        case LLM_ARCH_SMALLTHINKER:
-            return step == hp.n_layer() || step == 0 || il % step != 0;
-        default:
-            return true;
+
+    bool score(const triatt_round_cands &, std::vector<float> &, std::string &) override {
+        return true;
     }
+};
+
+} // namespace
+
+llama_kv_scorer_ptr triatt_scorer_none_init(triatt_rank rank) {
+    return std::make_unique<llama_kv_scorer_none>(rank);
 }
 
 static const char * triatt_policy_name(llama_kv_policy_type type) {
@@ -245,9 +86,8 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     }
     llama_kv_cache * kv = triatt_full_cache(ctx);
     if (!kv) {
-        error = std::string("KV policy: this model (") + llm_arch_name(ctx.get_model().arch) + ") keeps a recurrent "
-                "state (alone or beside attention layers), not only a KV cache of tokens: token eviction does not "
-                "apply; run it without a policy";
+        error = std::string("KV policy: this model (") + llm_arch_name(ctx.get_model().arch) + ") uses " +
+                triatt_memory_name(ctx.get_memory()) + ": token eviction does not apply; run it without a policy";
         return false;
     }
     const llama_model & model = ctx.get_model();
@@ -303,75 +143,13 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
         return false;
     }
 
-    if (p.type == LLAMA_KV_POLICY_SNAPKV) {
-        // the query window is the context's recent tokens: one sequence per context
-        if (ctx.get_cparams().n_seq_max > 1) {
-            error = "KV policy snapkv: the observation window holds the context's recent queries, so it needs a "
-                    "context with one sequence (n_seq_max = 1)";
-            return false;
-        }
-        if (p.snap_window < 1) {
-            error = "KV policy snapkv: snap_window must be >= 1";
-            return false;
-        }
-        snap.resize(hp.n_layer());
-        for (int32_t il : layers) {
-            snap[il].q.assign((size_t) p.snap_window * n_head * head_dim, 0.0f);
-        }
-        snap_kq_scale = hp.f_attention_scale != 0.0f ? hp.f_attention_scale : 1.0f / std::sqrt((float) head_dim);
-        return true;
+    const triatt_score_shape shape = { layers, n_head, n_head_kv, head_dim };
+    switch (p.type) {
+        case LLAMA_KV_POLICY_TRI:       scorer = triatt_scorer_tri_init(ctx, p, shape, error);    break;
+        case LLAMA_KV_POLICY_SNAPKV:    scorer = triatt_scorer_snapkv_init(ctx, p, shape, error); break;
+        case LLAMA_KV_POLICY_STREAMING: scorer = triatt_scorer_none_init(TRIATT_RANK_RECENT);     break;
+        default:                        scorer = triatt_scorer_none_init(TRIATT_RANK_RANDOM);     break;
     }
-    if (p.type != LLAMA_KV_POLICY_TRI) {
-        return true;
-    }
-
-    // TRI: statistics + the RoPE of each scored layer, exactly as the graph applies it
-    const llama_cparams & cparams = ctx.get_cparams();
-    const int rope_type = llama_model_rope_type(&model);
-    if (rope_type != LLAMA_ROPE_TYPE_NORM && rope_type != LLAMA_ROPE_TYPE_NEOX) {
-        error = "KV policy tri: the model's RoPE type is not supported (TriAttention needs NORM or NEOX RoPE)";
-        return false;
-    }
-    calib.n_layer   = (int32_t) hp.n_layer();
-    calib.n_head    = n_head;
-    calib.n_head_kv = n_head_kv;
-    calib.head_dim  = head_dim;
-    calib.pairing   = rope_type == LLAMA_ROPE_TYPE_NEOX ? TRIATT_PAIRING_NEOX : TRIATT_PAIRING_NORM;
-    if (!p.calib_path || !*p.calib_path) {
-        error = "KV policy tri needs calib_path: a GGUF carrying triattention.* statistics (pytriatt calibrate)";
-        return false;
-    }
-    if (!triatt_read_calib(p.calib_path, model, calib, error)) {
-        return false;
-    }
-    calib.rope.resize(calib.n_layer);
-    calib.has_kv.assign(calib.n_layer, 0);
-    for (int32_t il : layers) {
-        calib.has_kv[il] = 1;
-    }
-    for (int32_t il = 0; il < calib.n_layer; ++il) {
-        triatt_rope_layer & rl = calib.rope[il];
-        rl.rope        = triatt_layer_has_rope(model, il); // NoPE: omega = 0, the distance-free score
-        rl.n_rot       = (int32_t) hp.n_rot(il);
-        rl.freq_base   = model.get_rope_freq_base(cparams, il);
-        rl.freq_scale  = model.get_rope_freq_scale(cparams, il);
-        rl.ext_factor  = cparams.yarn_ext_factor;
-        rl.attn_factor = cparams.yarn_attn_factor;
-        rl.beta_fast   = cparams.yarn_beta_fast;
-        rl.beta_slow   = cparams.yarn_beta_slow;
-        rl.n_ctx_orig  = (int32_t) cparams.n_ctx_orig_yarn;
-        if (ggml_tensor * ff = model.get_rope_factors(cparams, il)) {
-            rl.freq_factors.resize(ggml_nelements(ff));
-            ggml_backend_tensor_get(ff, rl.freq_factors.data(), 0, ggml_nbytes(ff));
-        }
-    }
-    if (!triatt_calib_check(calib, error)) {
-        error = "KV policy tri: " + error;
-        return false;
-    }
-    scorer = triatt_scorer_init(&calib);
-    const char * force = getenv("PYTRIATT_SCORE_BACKEND");
-    force_backend = force && strcmp(force, "1") == 0;
     return scorer != nullptr;
 }
 
@@ -441,9 +219,7 @@ bool llama_kv_policy::before_batch(llama_context & ctx, llama_batch_allocr & bal
             if (llama_kv_cache * kv = triatt_full_cache(ctx)) {
                 forget_free_cells(*kv, s);
             }
-            for (auto & sq : snap) {
-                sq.n = sq.next = 0;
-            }
+            scorer->reset();
             continue;
         }
         const int32_t n_cached = mem->seq_positions(s, nullptr, 0);
@@ -454,178 +230,6 @@ bool llama_kv_policy::before_batch(llama_context & ctx, llama_batch_allocr & bal
         }
     }
     return true;
-}
-
-const void * llama_kv_policy::k_rows(llama_kv_cache & kv, size_t li, llama_seq_id seq_id, uint32_t n_cells,
-                                     triatt_key_type & type, int64_t & stride) {
-    ggml_tensor * k = kv.get_k_storage(layers[li]);
-    const uint32_t stream = kv.get_stream(seq_id);
-    const size_t row_bytes = k->nb[1];
-    const uint8_t * base = nullptr;
-    if (k->buffer && ggml_backend_buffer_is_host(k->buffer)) {
-        base = (const uint8_t *) k->data + stream * k->nb[2];
-    } else {
-        // K lives in device memory: bring the used rows to the host
-        k_host.resize(row_bytes * n_cells);
-        ggml_backend_tensor_get(k, k_host.data(), stream * k->nb[2], row_bytes * n_cells);
-        base = k_host.data();
-    }
-    if (k->type == GGML_TYPE_F32 || k->type == GGML_TYPE_F16) {
-        type   = k->type == GGML_TYPE_F32 ? TRIATT_KEY_F32 : TRIATT_KEY_F16;
-        stride = (int64_t) (row_bytes / ggml_type_size(k->type));
-        return base;
-    }
-    // bf16 or quantized: convert the rows to f32, and undo the Hadamard rotation llama.cpp applies to
-    // quantized K (per block of k_rot values; the rotation is its own inverse)
-    const int64_t ne0 = k->ne[0];
-    const auto * traits = ggml_get_type_traits(k->type);
-    const int32_t k_rot = kv.get_k_rot_size();
-    k_f32.resize((size_t) ne0 * n_cells);
-    for (uint32_t i = 0; i < n_cells; ++i) {
-        float * row = k_f32.data() + (size_t) i * ne0;
-        traits->to_float(base + i * row_bytes, row, ne0);
-        for (int64_t b = 0; k_rot > 0 && b + k_rot <= ne0; b += k_rot) {
-            triatt_hadamard(row + b, k_rot);
-        }
-    }
-    type   = TRIATT_KEY_F32;
-    stride = ne0;
-    return k_f32.data();
-}
-
-bool llama_kv_policy::score_layers_tri(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t,
-                                       uint32_t n_cells) {
-    triatt_score_params sp;
-    sp.n_threads = params.n_threads > 0 ? params.n_threads : (int32_t) ctx.n_threads();
-    scores.resize((size_t) layers.size() * n_cells * n_head);
-    for (size_t li = 0; li < layers.size(); ++li) {
-        ggml_tensor * k = kv.get_k_storage(layers[li]);
-        const bool on_host = k->buffer && ggml_backend_buffer_is_host(k->buffer);
-        if (!on_host || force_backend) {
-            // score where the cache lives: the context's backend that can use K's buffer
-            ggml_backend_t be = triatt_backend_of(ctx, k);
-            std::string err;
-            if (be && be != scorer_be_backend) {
-                triatt_score_backend_free(scorer_be);
-                scorer_be = triatt_score_backend_init(be, calib, err);
-                scorer_be_backend = scorer_be ? be : nullptr;
-            }
-            if (be && scorer_be) {
-                if (!triatt_score_backend_layer(scorer_be, layers[li], k, kv.get_stream(seq_id), n_cells,
-                                                kv.get_k_rot_size(), t, scores.data() + li * (size_t) n_cells * n_head, err)) {
-                    error = "KV policy tri: scoring layer " + std::to_string(layers[li]) + " on " +
-                            ggml_backend_name(be) + " failed: " + err;
-                    return false;
-                }
-                continue;
-            }
-            // no backend can read it in place: fall back to copying K to the host
-        }
-        triatt_key_type kt;
-        int64_t stride;
-        const void * keys = k_rows(kv, li, seq_id, n_cells, kt, stride);
-        std::string err;
-        if (!triatt_score_layer(scorer, layers[li], keys, kt, n_cells, stride, t, sp,
-                                scores.data() + li * (size_t) n_cells * n_head, &err)) {
-            error = "KV policy tri: scoring layer " + std::to_string(layers[li]) + " failed: " + err;
-            return false;
-        }
-    }
-    return true;
-}
-
-static float triatt_key_at(const void * keys, triatt_key_type type, size_t i) {
-    return type == TRIATT_KEY_F32 ? ((const float *) keys)[i] : ggml_fp16_to_fp32(((const ggml_fp16_t *) keys)[i]);
-}
-
-// SnapKV: the attention each candidate receives from the recent queries (softmax over the candidates,
-// summed over the queries), max-pooled over neighbouring candidates, per layer and query head
-bool llama_kv_policy::score_layers_snap(llama_kv_cache & kv, llama_seq_id seq_id, uint32_t n_cells) {
-    const int64_t n = (int64_t) cand_cell.size();
-    const int32_t n_gqa = n_head / n_head_kv;
-    const int32_t pool = 7; // SnapKV's kernel: keep the neighbours of attended tokens too
-    cand_scores.assign(layers.size() * (size_t) n * n_head, 0.0f);
-    std::vector<float> kf((size_t) n * head_dim);
-    std::vector<float> mass(n);
-    attn.resize(n);
-    for (size_t li = 0; li < layers.size(); ++li) {
-        const snap_queries & sq = snap[layers[li]];
-        triatt_key_type kt;
-        int64_t stride;
-        const void * keys = k_rows(kv, li, seq_id, n_cells, kt, stride);
-        float * out = cand_scores.data() + li * (size_t) n * n_head;
-        for (int32_t h = 0; h < n_head; ++h) {
-            const int32_t g = h / n_gqa;
-            for (int64_t i = 0; i < n; ++i) {
-                const size_t off = (size_t) cand_cell[i] * stride + (size_t) g * head_dim;
-                for (int32_t d = 0; d < head_dim; ++d) {
-                    kf[(size_t) i * head_dim + d] = triatt_key_at(keys, kt, off + d);
-                }
-            }
-            std::fill(mass.begin(), mass.end(), 0.0f);
-            for (int32_t w = 0; w < sq.n; ++w) {
-                const float * q = sq.q.data() + ((size_t) w * n_head + h) * head_dim;
-                float mx = -INFINITY;
-                for (int64_t i = 0; i < n; ++i) {
-                    float dot = 0.0f;
-                    for (int32_t d = 0; d < head_dim; ++d) {
-                        dot += q[d] * kf[(size_t) i * head_dim + d];
-                    }
-                    attn[i] = dot * snap_kq_scale;
-                    mx = std::max(mx, attn[i]);
-                }
-                double sum = 0.0;
-                for (int64_t i = 0; i < n; ++i) {
-                    attn[i] = std::exp(attn[i] - mx);
-                    sum += attn[i];
-                }
-                for (int64_t i = 0; i < n; ++i) {
-                    mass[i] += (float) (attn[i] / sum);
-                }
-            }
-            for (int64_t i = 0; i < n; ++i) {
-                float m = 0.0f;
-                for (int64_t j = std::max<int64_t>(0, i - pool/2); j <= std::min<int64_t>(n - 1, i + pool/2); ++j) {
-                    m = std::max(m, mass[j]);
-                }
-                out[i * n_head + h] = m;
-            }
-        }
-    }
-    return true;
-}
-
-bool llama_kv_policy::snap_cb_eval(struct ggml_tensor * t, bool ask, void * user_data) {
-    auto * self = (llama_kv_policy *) user_data;
-    // the post-RoPE query of layer il is the ROPE node named "Qcur-<il>"
-    bool mine = t->op == GGML_OP_ROPE && strncmp(ggml_get_name(t), "Qcur-", 5) == 0 && t->type == GGML_TYPE_F32;
-    int32_t il = -1;
-    if (mine) {
-        il = atoi(ggml_get_name(t) + 5);
-        mine = il >= 0 && il < (int32_t) self->snap.size() && !self->snap[il].q.empty() &&
-               t->ne[0] == self->head_dim && t->ne[1] == self->n_head;
-    }
-    const bool theirs = self->user_cb_eval && self->user_cb_eval(t, true, self->user_cb_eval_data);
-    if (ask) {
-        return mine || theirs;
-    }
-    if (mine) {
-        snap_queries & sq = self->snap[il];
-        const int64_t n_tokens = t->ne[2];
-        self->q_raw.resize(ggml_nbytes(t));
-        ggml_backend_tensor_get(t, self->q_raw.data(), 0, ggml_nbytes(t));
-        const int32_t window = self->params.snap_window;
-        for (int64_t i = std::max<int64_t>(0, n_tokens - window); i < n_tokens; ++i) {
-            float * dst = sq.q.data() + (size_t) sq.next * self->head_dim * self->n_head;
-            for (int32_t h = 0; h < self->n_head; ++h) {
-                memcpy(dst + (size_t) h * self->head_dim, self->q_raw.data() + h * t->nb[1] + i * t->nb[2],
-                       self->head_dim * sizeof(float));
-            }
-            sq.next = (sq.next + 1) % window;
-            sq.n = std::min(sq.n + 1, window);
-        }
-    }
-    return theirs ? self->user_cb_eval(t, false, self->user_cb_eval_data) : true;
 }
 
 // shift the kept tokens (keep[] of cand_pos) down to contiguous positions, and the incoming batch with them
@@ -687,31 +291,14 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
     sel.seed       = params.seed;
     sel.kv_agg     = params.kv_agg_mean ? TRIATT_KV_AGG_MEAN : TRIATT_KV_AGG_MAX;
 
-    layer_ptrs.clear();
-    const uint32_t n_cells = cells.used_max_p1();
-    if (params.type == LLAMA_KV_POLICY_TRI) {
-        sel.policy = TRIATT_POLICY_TRIATTENTION;
-        // score every used cell in cell order (zero-copy rows), then gather the candidates' rows
-        if (!score_layers_tri(ctx, *kv, seq_id, pos_max, n_cells)) {
-            return false;
-        }
-        cand_scores.resize(layers.size() * (size_t) n * n_head);
-        for (size_t li = 0; li < layers.size(); ++li) {
-            const float * src = scores.data() + li * (size_t) n_cells * n_head;
-            float * dst = cand_scores.data() + li * (size_t) n * n_head;
-            for (int64_t i = 0; i < n; ++i) {
-                memcpy(dst + i * n_head, src + (size_t) cand_cell[i] * n_head, n_head * sizeof(float));
-            }
-        }
-    } else if (params.type == LLAMA_KV_POLICY_SNAPKV) {
-        sel.policy = TRIATT_POLICY_TRIATTENTION; // the same aggregation over heads and layers as tri
-        if (!score_layers_snap(*kv, seq_id, n_cells)) {
-            return false;
-        }
-    } else {
-        sel.policy = params.type == LLAMA_KV_POLICY_STREAMING ? TRIATT_POLICY_STREAMING : TRIATT_POLICY_RANDOM;
+    // the policy's scores of the candidates, then the shared selection
+    sel.rank = scorer->rank();
+    const triatt_round_cands rc = { ctx, *kv, seq_id, pos_max, cells.used_max_p1(), cand_cell };
+    if (!scorer->score(rc, cand_scores, error)) {
+        return false;
     }
-    if (sel.policy == TRIATT_POLICY_TRIATTENTION) {
+    layer_ptrs.clear();
+    if (sel.rank == TRIATT_RANK_SCORES) {
         for (size_t li = 0; li < layers.size(); ++li) {
             layer_ptrs.push_back(cand_scores.data() + li * (size_t) n * n_head);
         }
@@ -721,7 +308,7 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
     keep.resize(n);
     n_moved = 0;
     int64_t n_keep = 0;
-    bool per_head = sel.policy == TRIATT_POLICY_TRIATTENTION && params.granularity != LLAMA_KV_POLICY_SHARED;
+    bool per_head = sel.rank == TRIATT_RANK_SCORES && params.granularity != LLAMA_KV_POLICY_SHARED;
     if (per_head && !round_per_head(ctx, *kv, seq_id, sel, n_keep)) {
         if (!error.empty()) {
             return false;
@@ -821,14 +408,12 @@ int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_po
     // the user's eval callback: the one installed now, unless it is the previous snapkv policy's
     ggml_backend_sched_eval_callback user_cb = ctx->get_cparams().cb_eval;
     void * user_cb_data = ctx->get_cparams().cb_eval_user_data;
-    if (ctx->kv_policy && user_cb == llama_kv_policy::snap_cb_eval) {
-        user_cb      = ctx->kv_policy->user_cb_eval;
-        user_cb_data = ctx->kv_policy->user_cb_eval_data;
+    if (ctx->kv_policy && user_cb == triatt_snapkv_cb_eval) {
+        triatt_snapkv_get_user_cb(user_cb_data, user_cb, user_cb_data);
     }
     if (params->type == LLAMA_KV_POLICY_SNAPKV) {
-        policy->user_cb_eval      = user_cb;
-        policy->user_cb_eval_data = user_cb_data;
-        ctx->set_eval_callback(llama_kv_policy::snap_cb_eval, policy);
+        triatt_snapkv_set_user_cb(*policy->scorer, user_cb, user_cb_data);
+        ctx->set_eval_callback(triatt_snapkv_cb_eval, policy->scorer.get());
     } else {
         ctx->set_eval_callback(user_cb, user_cb_data);
     }

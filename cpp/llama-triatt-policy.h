@@ -2,15 +2,17 @@
 //
 // A policy is attached to a llama_context with llama_set_kv_policy(). Before each batch,
 // for every sequence of the batch whose cached tokens plus incoming tokens would exceed
-// budget + interval, it ranks the sequence's cached tokens (TriAttention scores from the
-// K cache, SnapKV scores from recent queries, or the streaming / random baselines) and
-// removes the lowest back to the budget with the memory's batched removal
+// budget + interval, it runs a round: the policy's scorer (llama-triatt-score.h: TriAttention
+// scores from the K cache, SnapKV scores from recent queries, or none for the streaming /
+// random baselines) scores the sequence's cached tokens, the core ranks them, and the
+// lowest are removed back to the budget with the memory's batched removal
 // (llama_memory_seq_rm_positions). Kept tokens keep their positions, unless the policy
 // shifts them down to contiguous positions (shift); the newest token is never removed.
 
 #pragma once
 
 #include "llama.h"
+#include "llama-triatt-score.h"
 #include "triatt-core.h"
 
 #include "ggml-alloc.h"
@@ -26,14 +28,6 @@ class llama_batch_allocr;
 class llama_kv_cache;
 class llama_kv_cells;
 
-// the context's backend that can compute on t's buffer (where t lives), or null
-ggml_backend_t triatt_backend_of(llama_context & ctx, const ggml_tensor * t);
-
-// whether the graph rotates layer il's queries and keys (false for NoPE layers: SmolLM3's and
-// Llama 4's every n_no_rope_layer_step-th layer, AFMoE's, SmallThinker's, and layers whose
-// rope_pattern entry is 0); shared by the policy and the calibration capture
-bool triatt_layer_has_rope(const llama_model & model, int32_t il);
-
 struct llama_kv_policy {
     llama_kv_policy_params params;
     llama_kv_policy_stats  total = {}; // all sequences since the policy was attached
@@ -47,17 +41,9 @@ struct llama_kv_policy {
     };
     std::map<llama_seq_id, seq_state> seqs;
 
-    // TRI: the statistics and RoPE of the model, the scorer and selector workspaces
-    triatt_calib      calib;
-    triatt_scorer   * scorer   = nullptr;
-    triatt_selector * selector = nullptr;
-
-    // TRI on a K cache in device memory: the scores are computed on the cache's backend
-    // (llama-triatt-score-backend.cpp) and only they come back; PYTRIATT_SCORE_BACKEND=1 forces
-    // that path for host caches too (to test it on the CPU)
-    struct triatt_score_backend * scorer_be = nullptr;
-    ggml_backend_t scorer_be_backend = nullptr;
-    bool force_backend = false;
+    // the policy's scorer (tri, snapkv, or none for streaming and random) and the selection workspace
+    llama_kv_scorer_ptr scorer;
+    triatt_selector *   selector = nullptr;
 
     // the layers scored (those with their own K storage in the full-attention cache)
     std::vector<int32_t> layers;
@@ -93,31 +79,13 @@ struct llama_kv_policy {
     bool force_move_graph  = false; // PYTRIATT_MOVE_BACKEND=1: move host rows by a graph on the CPU backend
     uint64_t n_moved = 0; // head rows moved by the latest round
 
-    // SNAPKV: the post-RoPE queries of the most recent tokens, per scored layer (ring buffers of
-    // snap_window x n_head x head_dim), captured through the context's eval callback, which is
-    // chained to the user's
-    struct snap_queries {
-        std::vector<float> q;
-        int32_t n    = 0; // queries held
-        int32_t next = 0; // ring slot the next query goes to
-    };
-    std::vector<snap_queries> snap;   // by layer index
-    float snap_kq_scale = 1.0f;
-    ggml_backend_sched_eval_callback user_cb_eval = nullptr;
-    void * user_cb_eval_data = nullptr;
-    std::vector<uint8_t> q_raw;
-
     // round workspaces, reused
-    std::vector<float>       scores;       // [n_layers][n_cells][n_head]
     std::vector<float>       cand_scores;  // [n_layers][n_cand][n_head]
     std::vector<const float *> layer_ptrs;
     std::vector<llama_pos>   cand_pos;
     std::vector<uint32_t>    cand_cell;
     std::vector<int64_t>     keep;
     std::vector<llama_pos>   evict;
-    std::vector<uint8_t>     k_host;       // K rows copied from a non-host buffer
-    std::vector<float>       k_f32;        // K rows converted from another type
-    std::vector<float>       attn;         // snapkv: [n_cand] attention of one query
 
     std::string error;
 
@@ -134,13 +102,8 @@ struct llama_kv_policy {
     // -1 if il is not a scored layer
     int32_t head_positions(llama_kv_cache & kv, llama_seq_id seq_id, int32_t il, int32_t head_kv, llama_pos * out, int32_t n_max);
 
-    // SNAPKV: the eval callback installed on the context
-    static bool snap_cb_eval(struct ggml_tensor * t, bool ask, void * user_data);
-
 private:
     bool round(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, llama_pos pos_max);
-    bool score_layers_tri(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, int64_t t, uint32_t n_cells);
-    bool score_layers_snap(llama_kv_cache & kv, llama_seq_id seq_id, uint32_t n_cells);
     // per-head: rank per group, choose the surviving cells, move rows; fills evict. Returns false with
     // error set on failure, or with error empty when shared cells leave too few candidates (evict whole cells)
     bool round_per_head(llama_context & ctx, llama_kv_cache & kv, llama_seq_id seq_id, const triatt_select_params & sel,
@@ -154,8 +117,4 @@ private:
 
     bool shift_down(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, int64_t n_keep);
 
-    // the first n_cells K rows of layer layers[li] for seq_id's stream, readable on the host; rows of
-    // types other than f32/f16 are converted to f32 (and un-rotated for quantized K)
-    const void * k_rows(llama_kv_cache & kv, size_t li, llama_seq_id seq_id, uint32_t n_cells,
-                        triatt_key_type & type, int64_t & stride);
 };

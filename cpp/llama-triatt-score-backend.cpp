@@ -6,29 +6,19 @@
 #include "ggml-alloc.h"
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
-
-#ifndef M_PI
-#define M_PI 3.14159265358979323846
-#endif
 
 struct triatt_score_backend {
     ggml_backend_t       backend = nullptr;
     const triatt_calib * cal     = nullptr;
 
-    // per layer [n_layer][n_freq] (0 beyond a layer's n_rot/2): RoPE angular frequencies and
-    // C_f = mean over the offsets of e^{i omega_f delta}; the magnitude scale s per layer
-    std::vector<double> omega;
-    std::vector<double> c_re;
-    std::vector<double> c_im;
-    std::vector<float>  mscale;
-
-    // the norm weights s (A_f - |qbar_f|), [n_layer][n_head][n_freq]
-    std::vector<float> Nw;
+    // builds the synthetic queries and norm weights: the same ones the CPU scorer uses
+    triatt_scorer * scorer = nullptr;
 
     // per-call host staging
     std::vector<float> W;    // [n_head][head_dim]: synthetic queries in the key's dim order, 0 beyond n_rot
-    std::vector<float> nw;   // [n_head][n_freq]
+    std::vector<float> nw;   // [n_head][n_freq]: norm weights of the layer's bands
     std::vector<float> H;    // [k_rot][k_rot]: the orthonormal Walsh-Hadamard matrix
 
     std::vector<uint8_t> meta;  // ggml context memory (tensor and graph headers only)
@@ -46,39 +36,12 @@ triatt_score_backend * triatt_score_backend_init(ggml_backend_t backend, const t
     auto * sb = new triatt_score_backend();
     sb->backend = backend;
     sb->cal     = &cal;
-    const size_t nf = (size_t) cal.n_layer * cal.n_freq;
-    sb->omega.assign(nf, 0.0);
-    sb->c_re.assign(nf, 0.0);
-    sb->c_im.assign(nf, 0.0);
-    sb->mscale.assign(cal.n_layer, 1.0f);
-    // the same offsets as the CPU scorer's default: D = {1, 2, 4, ..., TRIATT_DEFAULT_OFFSETS_MAX}
-    std::vector<double> offsets;
-    for (int64_t d = 1; d <= TRIATT_DEFAULT_OFFSETS_MAX; d *= 2) {
-        offsets.push_back((double) d);
-    }
-    for (int32_t il = 0; il < cal.n_layer; ++il) {
-        triatt_rope_omega(cal.rope[il], sb->omega.data() + (size_t) il * cal.n_freq, &sb->mscale[il]);
-    }
-    for (size_t i = 0; i < nf; ++i) {
-        double re = 0.0, im = 0.0;
-        for (double d : offsets) {
-            re += std::cos(sb->omega[i] * d);
-            im += std::sin(sb->omega[i] * d);
-        }
-        sb->c_re[i] = re / (double) offsets.size();
-        sb->c_im[i] = im / (double) offsets.size();
-    }
-    const size_t n_stat = (size_t) cal.n_layer * cal.n_head * cal.n_freq;
-    sb->Nw.resize(n_stat);
-    for (size_t i = 0; i < n_stat; ++i) {
-        const double s = sb->mscale[i / ((size_t) cal.n_head * cal.n_freq)];
-        sb->Nw[i] = (float) (s * ((double) cal.q_abs_mean[i] - std::hypot((double) cal.q_mean_re[i], (double) cal.q_mean_im[i])));
-    }
+    sb->scorer  = triatt_scorer_init(&cal);
     sb->meta.resize(ggml_tensor_overhead() * 64 + ggml_graph_overhead());
     sb->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
-    if (!sb->galloc) {
-        err = "cannot create a graph allocator for the backend";
-        delete sb;
+    if (!sb->scorer || !sb->galloc) {
+        err = sb->scorer ? "cannot create a graph allocator for the backend" : "cannot create the scorer";
+        triatt_score_backend_free(sb);
         return nullptr;
     }
     return sb;
@@ -87,47 +50,19 @@ triatt_score_backend * triatt_score_backend_init(ggml_backend_t backend, const t
 void triatt_score_backend_free(triatt_score_backend * sb) {
     if (sb) {
         ggml_gallocr_free(sb->galloc);
+        triatt_scorer_free(sb->scorer);
         delete sb;
     }
 }
 
-// the synthetic queries W of layer il at round position t, exactly as triatt_score_layer computes them
-static void triatt_backend_queries(triatt_score_backend * sb, int32_t il, int64_t t) {
-    const triatt_calib & cal = *sb->cal;
-    const int n_head   = cal.n_head;
-    const int head_dim = cal.head_dim;
-    const int n_rot    = cal.rope[il].n_rot;
-    const int n_freq   = n_rot / 2;
-    const int F        = cal.n_freq;
-    const double s     = sb->mscale[il];
-    const double * om  = sb->omega.data() + (size_t) il * F;
-    const double * cre = sb->c_re.data() + (size_t) il * F;
-    const double * cim = sb->c_im.data() + (size_t) il * F;
-
-    sb->W.assign((size_t) n_head * head_dim, 0.0f);
-    sb->nw.assign((size_t) n_head * n_freq, 0.0f);
-    for (int h = 0; h < n_head; ++h) {
-        const size_t base = ((size_t) il * n_head + h) * F;
-        const float * qr = cal.q_mean_re.data() + base;
-        const float * qi = cal.q_mean_im.data() + base;
-        float * w = sb->W.data() + (size_t) h * head_dim;
-        for (int f = 0; f < n_freq; ++f) {
-            const double a  = std::fmod(om[f] * (double) t, 2.0 * M_PI);
-            const double er = std::cos(a), ei = std::sin(a);
-            const double rr = er * cre[f] - ei * cim[f];
-            const double ri = er * cim[f] + ei * cre[f];
-            const float wr = (float) (s * ((double) qr[f] * rr - (double) qi[f] * ri));
-            const float wi = (float) (s * ((double) qr[f] * ri + (double) qi[f] * rr));
-            if (cal.pairing == TRIATT_PAIRING_NEOX) {
-                w[f]          = wr;
-                w[f + n_freq] = wi;
-            } else {
-                w[2 * f]     = wr;
-                w[2 * f + 1] = wi;
-            }
-            sb->nw[(size_t) h * n_freq + f] = sb->Nw[base + f];
-        }
-    }
+// the parity of the set bits of x (what __builtin_popcount(x) & 1 gives, without the builtin)
+static int triatt_parity(uint32_t x) {
+    x ^= x >> 16;
+    x ^= x >> 8;
+    x ^= x >> 4;
+    x ^= x >> 2;
+    x ^= x >> 1;
+    return (int) (x & 1);
 }
 
 // the orthonormal Sylvester-Hadamard matrix of order n (a power of two): H[i][j] = (-1)^popcount(i & j) / sqrt(n),
@@ -137,13 +72,14 @@ static void triatt_backend_hadamard(std::vector<float> & H, int32_t n) {
     const float scale = 1.0f / std::sqrt((float) n);
     for (int32_t i = 0; i < n; ++i) {
         for (int32_t j = 0; j < n; ++j) {
-            H[(size_t) i * n + j] = (__builtin_popcount((unsigned) (i & j)) & 1) ? -scale : scale;
+            H[(size_t) i * n + j] = triatt_parity((uint32_t) (i & j)) ? -scale : scale;
         }
     }
 }
 
 bool triatt_score_backend_layer(triatt_score_backend * sb, int32_t il, const ggml_tensor * k_storage, uint32_t stream,
-                                uint32_t n_cells, int32_t k_rot, int64_t t, float * scores, std::string & err) {
+                                uint32_t n_cells, int32_t k_rot, int64_t t, float * scores, std::string & err,
+                                const triatt_score_params & params) {
     if (sb == nullptr) {
         err = "no workspace";
         return false;
@@ -194,7 +130,18 @@ bool triatt_score_backend_layer(triatt_score_backend * sb, int32_t il, const ggm
         return false;
     }
 
-    triatt_backend_queries(sb, il, t);
+    // the round's synthetic queries and the layer's norm weights, as the CPU scorer builds them
+    sb->W.assign((size_t) n_head * head_dim, 0.0f);
+    if (!triatt_scorer_queries(sb->scorer, il, t, params, sb->W.data(), head_dim, &err)) {
+        return false;
+    }
+    const float * Nw_il = triatt_scorer_norm_weights(sb->scorer, il);
+    sb->nw.assign((size_t) n_head * n_freq, 0.0f);
+    for (int64_t h = 0; h < n_head && params.norm; ++h) {
+        for (int64_t f = 0; f < n_freq; ++f) {
+            sb->nw[h * n_freq + f] = Nw_il[h * cal.n_freq + f];
+        }
+    }
 
     ggml_init_params ip = { /*.mem_size =*/ sb->meta.size(), /*.mem_buffer =*/ sb->meta.data(), /*.no_alloc =*/ true };
     ggml_context * ctx = ggml_init(ip);
@@ -280,17 +227,5 @@ bool triatt_score_backend_layer(triatt_score_backend * sb, int32_t il, const ggm
         }
     }
     ggml_free(ctx);
-    return ok;
-}
-
-bool triatt_score_layer_backend(ggml_backend_t backend, const triatt_calib & calib, int32_t il,
-                                const ggml_tensor * k_storage, uint32_t stream, uint32_t n_cells,
-                                int32_t k_rot, int64_t t, float * scores, std::string & err) {
-    triatt_score_backend * sb = triatt_score_backend_init(backend, calib, err);
-    if (!sb) {
-        return false;
-    }
-    const bool ok = triatt_score_backend_layer(sb, il, k_storage, stream, n_cells, k_rot, t, scores, err);
-    triatt_score_backend_free(sb);
     return ok;
 }

@@ -8,8 +8,8 @@
 //   score[i][h] = sum_d W[h][d] k_i[g(h)][d]          (trig term: one matrix product of the cached keys
 //                                                     with the round's synthetic queries W)
 //               + sum_f Nw[h][f] |k_i[g(h)]_f|         (norm term: band magnitudes, then a second product)
-// with g(h) = h / (n_head / n_head_kv) (GQA), W built on the host once per call exactly as the CPU
-// scorer builds it (offsets D = {1, 2, ..., 65536}, mean over offsets), and |k_f| from the NEOX or
+// with g(h) = h / (n_head / n_head_kv) (GQA), W and Nw built on the host once per call by the CPU scorer's
+// own triatt_scorer_queries / triatt_scorer_norm_weights (mean over the offsets), and |k_f| from the NEOX or
 // NORM pairing of the rotary dims (dims n_rot..head_dim of a partially rotary head are not scored).
 //
 // The graph first converts the stream's first n_cells K rows to f32 (f32 is used in place), undoes
@@ -43,12 +43,8 @@ void                   triatt_score_backend_free(triatt_score_backend * sb);
 //              in a buffer the backend can use; f32, f16, bf16 or a type ggml can convert to f32 (q8_0, q4_0, ...)
 //   k_rot:     the Hadamard block size llama.cpp rotated quantized K with (llama_kv_cache::get_k_rot_size), 0: none
 //   scores:    host memory, [n_cells][n_head] row-major, as triatt_score_layer writes it
+//   params:    as for triatt_score_layer (offsets_max, trig, norm); the max over offsets is not supported
 // Returns false and sets err on invalid arguments or a backend failure.
 bool triatt_score_backend_layer(triatt_score_backend * sb, int32_t il, const ggml_tensor * k_storage, uint32_t stream,
-                                uint32_t n_cells, int32_t k_rot, int64_t t, float * scores, std::string & err);
-
-// One-shot form: a temporary workspace per call (allocates and frees its buffer each time); prefer the
-// workspace above when scoring round after round.
-bool triatt_score_layer_backend(ggml_backend_t backend, const triatt_calib & calib, int32_t il,
-                                const ggml_tensor * k_storage, uint32_t stream, uint32_t n_cells,
-                                int32_t k_rot, int64_t t, float * scores, std::string & err);
+                                uint32_t n_cells, int32_t k_rot, int64_t t, float * scores, std::string & err,
+                                const triatt_score_params & params = triatt_score_params());

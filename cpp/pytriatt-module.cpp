@@ -177,7 +177,7 @@ static py::tuple py_rope_omega(const triatt_rope_layer & rl, int32_t head_dim) {
     return py::make_tuple(om, s);
 }
 
-static py::tuple py_select(int32_t policy, std::vector<f32_array> layer_scores, i32_array pos,
+static py::tuple py_select(int32_t rank, std::vector<f32_array> layer_scores, i32_array pos,
                            int64_t budget, int64_t sink, int64_t window, int64_t prompt_len,
                            uint64_t seed, int32_t n_head_kv, int32_t kv_agg) {
     if (pos.ndim() != 1) {
@@ -200,7 +200,7 @@ static py::tuple py_select(int32_t policy, std::vector<f32_array> layer_scores, 
         ptrs.push_back(a.data());
     }
     triatt_select_params p;
-    p.policy     = (triatt_policy) policy;
+    p.rank       = (triatt_rank) rank;
     p.budget     = budget;
     p.n_sink     = sink;
     p.n_window   = window;
@@ -247,9 +247,13 @@ PYBIND11_MODULE(_core, m) {
     m.attr("OFFSET_AGG_MAX")  = (int) TRIATT_OFFSET_AGG_MAX;
     m.attr("KV_AGG_MAX")      = (int) TRIATT_KV_AGG_MAX;
     m.attr("KV_AGG_MEAN")     = (int) TRIATT_KV_AGG_MEAN;
-    m.attr("POLICY_TRIATTENTION") = (int) TRIATT_POLICY_TRIATTENTION;
-    m.attr("POLICY_STREAMING")    = (int) TRIATT_POLICY_STREAMING;
-    m.attr("POLICY_RANDOM")       = (int) TRIATT_POLICY_RANDOM;
+    m.attr("RANK_SCORES")     = (int) TRIATT_RANK_SCORES;
+    m.attr("RANK_RECENT")     = (int) TRIATT_RANK_RECENT;
+    m.attr("RANK_RANDOM")     = (int) TRIATT_RANK_RANDOM;
+    // the names these ranks had before (pytriatt.core still reads them)
+    m.attr("POLICY_TRIATTENTION") = (int) TRIATT_RANK_SCORES;
+    m.attr("POLICY_STREAMING")    = (int) TRIATT_RANK_RECENT;
+    m.attr("POLICY_RANDOM")       = (int) TRIATT_RANK_RANDOM;
     m.attr("CALIB_VERSION")       = (int) TRIATT_CALIB_VERSION;
     m.attr("DEFAULT_OFFSETS_MAX") = (int64_t) TRIATT_DEFAULT_OFFSETS_MAX;
 
@@ -281,7 +285,7 @@ PYBIND11_MODULE(_core, m) {
              py::arg("trig"), py::arg("norm"), py::arg("offset_agg"), py::arg("n_threads"))
         .def("omega", &py_calib::omega, py::arg("layer"));
 
-    m.def("select", &py_select, py::arg("policy"), py::arg("layer_scores"), py::arg("positions"), py::arg("budget"),
+    m.def("select", &py_select, py::arg("rank"), py::arg("layer_scores"), py::arg("positions"), py::arg("budget"),
           py::arg("sink"), py::arg("window"), py::arg("prompt_len"), py::arg("seed"), py::arg("n_head_kv"),
           py::arg("kv_agg"),
           "-> (keep: int64 candidate indices ascending, token_scores: float32[n], n_protected)");

@@ -61,10 +61,11 @@ enum triatt_key_type {
     TRIATT_KEY_F16 = 1, // IEEE half (llama.cpp's default K cache type), converted on the fly
 };
 
-enum triatt_policy {
-    TRIATT_POLICY_TRIATTENTION = 0, // rank by the aggregated TriAttention scores
-    TRIATT_POLICY_STREAMING    = 1, // keep the protected tokens and the most recent ones (StreamingLLM)
-    TRIATT_POLICY_RANDOM       = 2, // keep the protected tokens and a seeded random choice of the others
+// how triatt_select ranks the unprotected candidates
+enum triatt_rank {
+    TRIATT_RANK_SCORES = 0, // by the layers' raw scores, aggregated over heads and layers (tri, snapkv)
+    TRIATT_RANK_RECENT = 1, // by position, newest first (streaming: the sink and the most recent tokens)
+    TRIATT_RANK_RANDOM = 2, // by a seeded hash of the position (random)
 };
 
 // ---------------------------------------------------------------------------
@@ -152,6 +153,20 @@ bool triatt_score_layer(
         int64_t t, const triatt_score_params & params,
         float * out, std::string * err);
 
+// The synthetic queries triatt_score_layer dots layer il's keys with at round position t (mean over
+// the offsets of params; S_trig of a key for query head h = W_h . key over the rotary dims), for a
+// scorer that computes the products elsewhere (llama-triatt-score-backend.cpp):
+//   W: query head h's n_rot values at W + h*head_stride, in the key's dim order (the rest untouched;
+//      zeros without the trig term)
+// Returns false (and sets err) for the arguments triatt_score_layer refuses, and for the max over
+// offsets (one query per offset).
+bool triatt_scorer_queries(triatt_scorer * sc, int32_t il, int64_t t, const triatt_score_params & params,
+                           float * W, int64_t head_stride, std::string * err);
+
+// The norm-term weights s (A_f - |qbar_f|) of layer il: [n_head][cal.n_freq] (bands >= n_rot/2 are 0),
+// or null if il is out of range. S_norm of a key for head h = sum_f w[h][f] |k_f|.
+const float * triatt_scorer_norm_weights(const triatt_scorer * sc, int32_t il);
+
 // The scoring kernel in use: "avx2" (x86-64 CPUs with AVX2 and FMA, chosen at run
 // time; no special build flags needed) or "generic" (portable loops).
 const char * triatt_kernel_name(void);
@@ -164,12 +179,12 @@ bool triatt_force_generic_kernel(bool force);
 // ---------------------------------------------------------------------------
 
 struct triatt_select_params {
-    triatt_policy policy     = TRIATT_POLICY_TRIATTENTION;
+    triatt_rank   rank       = TRIATT_RANK_SCORES;
     int64_t       budget     = 0;  // tokens to keep (protected ones included)
     int64_t       n_sink     = 0;  // protect the n_sink oldest candidates (smallest positions)
     int64_t       n_window   = 0;  // protect the n_window newest candidates (largest positions)
     int64_t       prompt_len = 0;  // protect every candidate with position < prompt_len
-    uint64_t      seed       = 0;  // TRIATT_POLICY_RANDOM
+    uint64_t      seed       = 0;  // TRIATT_RANK_RANDOM
     triatt_kv_agg kv_agg     = TRIATT_KV_AGG_MAX;
 };
 
@@ -181,13 +196,13 @@ void              triatt_selector_free(triatt_selector * sel);
 
 // Chooses the candidates to keep.
 //   pos:          [n] positions of the candidates
-//   layer_scores: n_layers pointers to raw scores [n][n_head] (TRIATT_POLICY_TRIATTENTION only;
+//   layer_scores: n_layers pointers to raw scores [n][n_head] (TRIATT_RANK_SCORES only;
 //                 ignored otherwise, may be null)
 //   keep:         capacity n; receives the indices (into pos) of the kept candidates, ascending
-// Ranking (TRIATTENTION): per layer and query head, z-score the raw scores over the
+// Ranking (RANK_SCORES): per layer and query head, z-score the raw scores over the
 // unprotected candidates (population std, floored at 1e-6); per KV head take the max over
 // its query heads; average over the layers; token score = max (or mean) over KV heads.
-// STREAMING ranks by position (newest first); RANDOM by a hash of (seed, position).
+// RANK_RECENT ranks by position (newest first); RANK_RANDOM by a hash of (seed, position).
 // Protected candidates (sink / window / prompt) are kept first and count against the
 // budget; the remaining slots go to the best-ranked unprotected candidates. Ties (equal
 // scores) keep the newer position; equal positions keep the later index.

@@ -1,15 +1,13 @@
 // triatt-score.cpp: per-layer raw TriAttention scores of post-RoPE keys (see triatt-core.h).
 
 #include "triatt-core.h"
+#include "triatt-pool.h"
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
 #include <limits>
-#include <mutex>
-#include <thread>
 
 #ifndef M_PI
 #define M_PI 3.14159265358979323846
@@ -43,113 +41,7 @@
 #define TRIATT_INLINE inline
 #endif
 
-// ---------------------------------------------------------------------------
-// a minimal persistent thread pool: run(n_tasks, fn) calls fn(ctx, task, thread)
-// for every task, on the caller's thread and n_workers others
-// ---------------------------------------------------------------------------
-
 namespace {
-
-typedef void (*triatt_task_fn)(void * ctx, int64_t task, int thread);
-
-class triatt_pool {
-public:
-    ~triatt_pool() { stop(); }
-
-    int n_threads() const { return (int) workers.size() + 1; }
-
-    void resize(int n_threads) {
-        n_threads = std::max(1, n_threads);
-        if (n_threads == this->n_threads()) {
-            return;
-        }
-        stop();
-        quit = false;
-        // new workers wait for the next job: starting from generation 0 they would run the
-        // finished last one again (stale job, and a second decrement of n_active)
-        const uint64_t seen = generation;
-        for (int i = 1; i < n_threads; ++i) {
-            workers.emplace_back([this, i, seen] { loop(i, seen); });
-        }
-    }
-
-    void run(int64_t n_tasks, triatt_task_fn fn, void * ctx) {
-        if (workers.empty() || n_tasks <= 1) {
-            for (int64_t t = 0; t < n_tasks; ++t) {
-                fn(ctx, t, 0);
-            }
-            return;
-        }
-        {
-            std::lock_guard<std::mutex> lk(m);
-            job_fn   = fn;
-            job_ctx  = ctx;
-            job_n    = n_tasks;
-            next.store(0, std::memory_order_relaxed);
-            n_active = (int) workers.size();
-            ++generation;
-        }
-        cv.notify_all();
-        work(0);
-        std::unique_lock<std::mutex> lk(m);
-        done_cv.wait(lk, [this] { return n_active == 0; });
-    }
-
-private:
-    void stop() {
-        {
-            std::lock_guard<std::mutex> lk(m);
-            quit = true;
-        }
-        cv.notify_all();
-        for (auto & w : workers) {
-            w.join();
-        }
-        workers.clear();
-    }
-
-    void work(int thread) {
-        for (;;) {
-            const int64_t t = next.fetch_add(1, std::memory_order_relaxed);
-            if (t >= job_n) {
-                break;
-            }
-            job_fn(job_ctx, t, thread);
-        }
-    }
-
-    void loop(int thread, uint64_t seen) {
-        for (;;) {
-            {
-                std::unique_lock<std::mutex> lk(m);
-                cv.wait(lk, [&] { return quit || generation != seen; });
-                if (quit) {
-                    return;
-                }
-                seen = generation;
-            }
-            work(thread);
-            {
-                std::lock_guard<std::mutex> lk(m);
-                if (--n_active == 0) {
-                    done_cv.notify_one();
-                }
-            }
-        }
-    }
-
-    std::vector<std::thread> workers;
-    std::mutex               m;
-    std::condition_variable  cv;
-    std::condition_variable  done_cv;
-    bool                     quit       = false;
-    uint64_t                 generation = 0;
-    int                      n_active   = 0;
-    triatt_task_fn           job_fn     = nullptr;
-    void *                   job_ctx    = nullptr;
-    int64_t                  job_n      = 0;
-    std::atomic<int64_t>     next{0};
-};
 
 // tests and benchmarks can force the portable kernel where AVX2 is available
 std::atomic<bool> triatt_force_generic{false};
@@ -695,6 +587,124 @@ static void triatt_set_offsets(triatt_scorer * sc, int64_t offsets_max) {
     sc->offsets_max = offsets_max;
 }
 
+// the arguments every use of layer il's statistics needs
+static bool triatt_check_layer(const triatt_scorer * sc, int32_t il, const triatt_score_params & params, std::string & err) {
+    if (sc == nullptr) {
+        err = "scorer is null";
+        return false;
+    }
+    const triatt_calib & cal = *sc->cal;
+    if (il < 0 || il >= cal.n_layer) {
+        err = "layer " + std::to_string(il) + " out of range [0, " + std::to_string(cal.n_layer) + ")";
+        return false;
+    }
+    if (!cal.has_kv.empty() && !cal.has_kv[il]) {
+        err = "layer " + std::to_string(il) + " has no KV cache of its own: nothing to score";
+        return false;
+    }
+    if (params.offsets_max < 1) {
+        err = "offsets_max must be >= 1";
+        return false;
+    }
+    return true;
+}
+
+// The synthetic queries of layer il at round position t (triatt-core.h): n_off sets of n_head queries, the
+// query of set od and head h at W + (od*n_head + h)*head_stride, its n_rot values in the key's dim order
+// (zeros without the trig term). n_off is 1 (mean over the offsets) or |D| (max). Returns n_off.
+static int triatt_build_queries(triatt_scorer * sc, int32_t il, int64_t t, const triatt_score_params & params,
+                                float * W, int64_t head_stride) {
+    const triatt_calib & cal = *sc->cal;
+    const int n_head = cal.n_head;
+    const int n_freq = cal.rope[il].n_rot / 2;
+    const int n_rot  = cal.rope[il].n_rot;
+    const int F      = cal.n_freq; // stride of the statistics arrays
+    const double s   = sc->mscale[il];
+    const double * om = sc->omega.data() + (size_t) il * F;
+
+    triatt_set_offsets(sc, params.offsets_max);
+    const bool max_agg = params.offset_agg == TRIATT_OFFSET_AGG_MAX;
+    const int  n_off   = (max_agg && params.trig) ? (int) sc->offsets.size() : 1;
+    if (!params.trig) {
+        for (int h = 0; h < n_head; ++h) {
+            std::fill(W + (int64_t) h * head_stride, W + (int64_t) h * head_stride + n_rot, 0.0f);
+        }
+        return n_off;
+    }
+
+    // rotation factors shared by all heads
+    sc->rot_re.resize((size_t) n_off * n_freq);
+    sc->rot_im.resize((size_t) n_off * n_freq);
+    const double * cre = sc->c_re.data() + (size_t) il * F;
+    const double * cim = sc->c_im.data() + (size_t) il * F;
+    for (int f = 0; f < n_freq; ++f) {
+        const double a  = std::fmod(om[f] * (double) t, 2.0 * M_PI);
+        const double er = std::cos(a), ei = std::sin(a);
+        if (max_agg) {
+            for (int od = 0; od < n_off; ++od) {
+                const double b = om[f] * sc->offsets[od];
+                const double cr = std::cos(b), ci = std::sin(b);
+                sc->rot_re[(size_t) od * n_freq + f] = er * cr - ei * ci;
+                sc->rot_im[(size_t) od * n_freq + f] = er * ci + ei * cr;
+            }
+        } else {
+            sc->rot_re[f] = er * cre[f] - ei * cim[f];
+            sc->rot_im[f] = er * cim[f] + ei * cre[f];
+        }
+    }
+
+    const int half = n_rot / 2;
+    for (int h = 0; h < n_head; ++h) {
+        const size_t base = ((size_t) il * n_head + h) * F;
+        const float * qr = cal.q_mean_re.data() + base;
+        const float * qi = cal.q_mean_im.data() + base;
+        for (int od = 0; od < n_off; ++od) {
+            float * w = W + ((int64_t) od * n_head + h) * head_stride;
+            for (int f = 0; f < n_freq; ++f) {
+                const double rr = sc->rot_re[(size_t) od * n_freq + f];
+                const double ri = sc->rot_im[(size_t) od * n_freq + f];
+                // W_f = s * qbar_f * rot_f; Re(W conj(k)) = W_re k_re + W_im k_im
+                const float wr = (float) (s * ((double) qr[f] * rr - (double) qi[f] * ri));
+                const float wi = (float) (s * ((double) qr[f] * ri + (double) qi[f] * rr));
+                if (cal.pairing == TRIATT_PAIRING_NEOX) {
+                    w[f]        = wr;
+                    w[f + half] = wi;
+                } else {
+                    w[2 * f]     = wr;
+                    w[2 * f + 1] = wi;
+                }
+            }
+        }
+    }
+    return n_off;
+}
+
+bool triatt_scorer_queries(triatt_scorer * sc, int32_t il, int64_t t, const triatt_score_params & params,
+                           float * W, int64_t head_stride, std::string * err) {
+    std::string msg;
+    if (triatt_check_layer(sc, il, params, msg)) {
+        if (params.trig && params.offset_agg != TRIATT_OFFSET_AGG_MEAN) {
+            msg = "the max over offsets has one query per offset, not one per head";
+        } else if (W == nullptr || head_stride < sc->cal->rope[il].n_rot) {
+            msg = "W must hold n_head queries of at least n_rot values each";
+        } else {
+            triatt_build_queries(sc, il, t, params, W, head_stride);
+            return true;
+        }
+    }
+    if (err) {
+        *err = msg;
+    }
+    return false;
+}
+
+const float * triatt_scorer_norm_weights(const triatt_scorer * sc, int32_t il) {
+    if (sc == nullptr || il < 0 || il >= sc->cal->n_layer) {
+        return nullptr;
+    }
+    return sc->Nw.data() + (size_t) il * sc->cal->n_head * sc->cal->n_freq;
+}
+
 bool triatt_score_layer(
         triatt_scorer * sc, int32_t il,
         const void * keys, triatt_key_type key_type, int64_t n, int64_t row_stride,
@@ -706,19 +716,11 @@ bool triatt_score_layer(
         }
         return false;
     };
-    if (sc == nullptr) {
-        return fail("scorer is null");
+    std::string msg;
+    if (!triatt_check_layer(sc, il, params, msg)) {
+        return fail(msg);
     }
     const triatt_calib & cal = *sc->cal;
-    if (il < 0 || il >= cal.n_layer) {
-        return fail("layer " + std::to_string(il) + " out of range [0, " + std::to_string(cal.n_layer) + ")");
-    }
-    if (!cal.has_kv.empty() && !cal.has_kv[il]) {
-        return fail("layer " + std::to_string(il) + " has no KV cache of its own: nothing to score");
-    }
-    if (params.offsets_max < 1) {
-        return fail("offsets_max must be >= 1");
-    }
     if (key_type != TRIATT_KEY_F32 && key_type != TRIATT_KEY_F16) {
         return fail("unknown key type");
     }
@@ -737,64 +739,13 @@ bool triatt_score_layer(
     }
 
     const int n_head = cal.n_head;
-    const int n_freq = cal.rope[il].n_rot / 2;
     const int n_rot  = cal.rope[il].n_rot;
-    const int F      = cal.n_freq; // stride of the statistics arrays
-    const double s   = sc->mscale[il];
-    const double * om = sc->omega.data() + (size_t) il * F;
-
+    const int n_freq = n_rot / 2;
+    const int F      = cal.n_freq;
     triatt_set_offsets(sc, params.offsets_max);
-    const bool max_agg = params.offset_agg == TRIATT_OFFSET_AGG_MAX;
-    const int  n_off   = (max_agg && params.trig) ? (int) sc->offsets.size() : 1;
-
-    // rotation factors shared by all heads
-    sc->rot_re.resize((size_t) n_off * n_freq);
-    sc->rot_im.resize((size_t) n_off * n_freq);
-    if (params.trig) {
-        const double * cre = sc->c_re.data() + (size_t) il * F;
-        const double * cim = sc->c_im.data() + (size_t) il * F;
-        for (int f = 0; f < n_freq; ++f) {
-            const double a  = std::fmod(om[f] * (double) t, 2.0 * M_PI);
-            const double er = std::cos(a), ei = std::sin(a);
-            if (max_agg) {
-                for (int od = 0; od < n_off; ++od) {
-                    const double b = om[f] * sc->offsets[od];
-                    const double cr = std::cos(b), ci = std::sin(b);
-                    sc->rot_re[(size_t) od * n_freq + f] = er * cr - ei * ci;
-                    sc->rot_im[(size_t) od * n_freq + f] = er * ci + ei * cr;
-                }
-            } else {
-                sc->rot_re[f] = er * cre[f] - ei * cim[f];
-                sc->rot_im[f] = er * cim[f] + ei * cre[f];
-            }
-        }
-    }
-
-    // synthetic queries W (key dim order)
-    sc->W.resize((size_t) n_off * n_head * n_rot);
-    const int half = n_rot / 2;
-    for (int h = 0; h < n_head && params.trig; ++h) {
-        const size_t base = ((size_t) il * n_head + h) * F;
-        const float * qr = cal.q_mean_re.data() + base;
-        const float * qi = cal.q_mean_im.data() + base;
-        for (int od = 0; od < n_off; ++od) {
-            float * w = sc->W.data() + ((size_t) od * n_head + h) * n_rot;
-            for (int f = 0; f < n_freq; ++f) {
-                const double rr = sc->rot_re[(size_t) od * n_freq + f];
-                const double ri = sc->rot_im[(size_t) od * n_freq + f];
-                // W_f = s * qbar_f * rot_f; Re(W conj(k)) = W_re k_re + W_im k_im
-                const float wr = (float) (s * ((double) qr[f] * rr - (double) qi[f] * ri));
-                const float wi = (float) (s * ((double) qr[f] * ri + (double) qi[f] * rr));
-                if (cal.pairing == TRIATT_PAIRING_NEOX) {
-                    w[f]        = wr;
-                    w[f + half] = wi;
-                } else {
-                    w[2 * f]     = wr;
-                    w[2 * f + 1] = wi;
-                }
-            }
-        }
-    }
+    const int n_off_max = (params.offset_agg == TRIATT_OFFSET_AGG_MAX && params.trig) ? (int) sc->offsets.size() : 1;
+    sc->W.resize((size_t) n_off_max * n_head * n_rot);
+    const int n_off = triatt_build_queries(sc, il, t, params, sc->W.data(), n_rot);
 
     const int n_threads = (int) std::max<int64_t>(1, std::min<int64_t>(params.n_threads, (n + 15) / 16));
     sc->pool.resize(std::max(1, params.n_threads));

@@ -131,8 +131,8 @@ int64_t triatt_select(
     if (n < 0 || p.budget < 0 || p.n_sink < 0 || p.n_window < 0 || p.prompt_len < 0) {
         return fail("n, budget, sink, window and prompt_len must be >= 0");
     }
-    if (p.policy != TRIATT_POLICY_TRIATTENTION && p.policy != TRIATT_POLICY_STREAMING && p.policy != TRIATT_POLICY_RANDOM) {
-        return fail("unknown policy");
+    if (p.rank != TRIATT_RANK_SCORES && p.rank != TRIATT_RANK_RECENT && p.rank != TRIATT_RANK_RANDOM) {
+        return fail("unknown rank");
     }
     if (p.kv_agg != TRIATT_KV_AGG_MAX && p.kv_agg != TRIATT_KV_AGG_MEAN) {
         return fail("unknown kv_agg");
@@ -140,9 +140,9 @@ int64_t triatt_select(
     if (n > 0 && (pos == nullptr || keep == nullptr)) {
         return fail("pos and keep must not be null");
     }
-    if (p.policy == TRIATT_POLICY_TRIATTENTION && n > 0) {
+    if (p.rank == TRIATT_RANK_SCORES && n > 0) {
         if (n_layers < 1 || layer_scores == nullptr) {
-            return fail("the triattention policy needs the raw scores of at least one layer");
+            return fail("ranking by scores needs the raw scores of at least one layer");
         }
         if (n_head < 1 || n_head_kv < 1 || n_head % n_head_kv != 0) {
             return fail("n_head must be a positive multiple of n_head_kv");
@@ -202,8 +202,8 @@ int64_t triatt_select(
 
     // token-level scores of the unprotected candidates
     float * token = sel->token.data();
-    switch (p.policy) {
-        case TRIATT_POLICY_TRIATTENTION: {
+    switch (p.rank) {
+        case TRIATT_RANK_SCORES: {
             sel->mean.resize(n_head);
             sel->inv_std.resize(n_head);
             sel->cnt.resize(n_head);
@@ -235,13 +235,13 @@ int64_t triatt_select(
                 token[i] = v * inv_l;
             }
         } break;
-        case TRIATT_POLICY_STREAMING: {
+        case TRIATT_RANK_RECENT: {
             // newest first: the score is the position (ties resolved by position anyway)
             for (int64_t i = 0; i < n; ++i) {
                 token[i] = (float) pos[i];
             }
         } break;
-        case TRIATT_POLICY_RANDOM: {
+        case TRIATT_RANK_RANDOM: {
             for (int64_t i = 0; i < n; ++i) {
                 const uint64_t h = triatt_mix64(p.seed ^ triatt_mix64((uint64_t) (uint32_t) pos[i]));
                 token[i] = (float) (h >> 40) * (1.0f / 16777216.0f); // [0, 1)

@@ -8,7 +8,7 @@ Each input is a (small) GGUF file. It goes through:
    and the file's statistics against the real tiny model) and ``pytriatt.modelinfo.info_report``;
 3. the C++ loader inside libllama: the file is attached with ``llama_set_kv_policy(tri,
    calib_path=...)`` to a context of a tiny llama model (``triatt_read_calib`` in
-   cpp/llama-triatt-policy.cpp). When libllama accepts it, a few decode steps run eviction
+   cpp/llama-triatt-calib.cpp). When libllama accepts it, a few decode steps run eviction
    rounds with those statistics.
 
 What counts as a bug (the fuzzer stops and saves the input): any Python exception other than a

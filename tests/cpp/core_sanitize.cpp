@@ -403,7 +403,7 @@ static void check_selection(const char * what, const triatt_select_params & p, i
     for (int64_t i = 0; i < n; ++i) {
         CHECK(!std::isnan(ts[i]), "%s: NaN token score at %lld", what, (long long) i);
     }
-    if (p.policy == TRIATT_POLICY_STREAMING) {
+    if (p.rank == TRIATT_RANK_RECENT) {
         // every evicted unprotected candidate is older than (or as old as) every kept unprotected one
         int32_t newest_evicted = std::numeric_limits<int32_t>::min(), oldest_kept = std::numeric_limits<int32_t>::max();
         for (int64_t i = 0; i < n; ++i) {
@@ -464,7 +464,7 @@ static void test_selection(std::mt19937_64 & rng, bool quick) {
             }
             for (int policy = 0; policy < 3; ++policy) {
                 triatt_select_params sp;
-                sp.policy = (triatt_policy) policy;
+                sp.rank = (triatt_rank) policy;
                 sp.budget = (int64_t) (rng() % (uint64_t) (n + 3));
                 sp.n_sink = (int64_t) (rng() % 4);
                 sp.n_window = (int64_t) (rng() % 4);

@@ -1,0 +1,29 @@
+// llama-triatt-calib.h: the TriAttention statistics of a model, on the llama.cpp side.
+//
+// A tri policy scores cached keys with per-head statistics of the model's pre-RoPE queries, written
+// into a GGUF by pytriatt calibrate (llama-triatt-capture.cpp measures them). Loading them checks
+// every value (the file may come from anywhere) and that they belong to this model, and pairs them
+// with the RoPE each layer's graph applies.
+
+#pragma once
+
+#include "triatt-core.h"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct llama_context;
+struct llama_model;
+
+// whether the graph rotates layer il's queries and keys (false for NoPE layers: SmolLM3's and
+// Llama 4's every n_no_rope_layer_step-th layer, AFMoE's, SmallThinker's, and layers whose
+// rope_pattern entry is 0); shared by the policy and the calibration capture
+bool triatt_layer_has_rope(const llama_model & model, int32_t il);
+
+// Fills cal for ctx's model: the triattention.* statistics of the GGUF at path and, per layer, the
+// RoPE exactly as the graph applies it (frequency base and scale, YaRN, rope factors, NoPE); only the
+// layers listed in `layers` (those with their own K cache) are scored. Returns false and sets err
+// when the file is unreadable, damaged, or holds statistics of another model.
+bool triatt_calib_load(llama_context & ctx, const char * path, const std::vector<int32_t> & layers, triatt_calib & cal,
+                       std::string & err);
