@@ -358,14 +358,14 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
 // glue called by llama_context
 //
 
-void llama_kv_policy_free_impl(llama_kv_policy * policy) {
+void llama_kv_policy_deleter::operator()(llama_kv_policy * policy) const {
     delete policy;
 }
 
-bool llama_kv_policy_before_batch(llama_kv_policy * policy, llama_context & ctx, llama_batch_allocr & balloc) {
-    if (!policy->before_batch(ctx, balloc)) {
-        LLAMA_LOG_ERROR("%s: %s\n", __func__, policy->error.c_str());
-        g_kv_policy_error = policy->error; // llama_decode returns -1: say why through llama_kv_policy_last_error()
+bool llama_kv_policy_before_batch(llama_kv_policy & policy, llama_context & ctx, llama_batch_allocr & balloc) {
+    if (!policy.before_batch(ctx, balloc)) {
+        LLAMA_LOG_ERROR("%s: %s\n", __func__, policy.error.c_str());
+        g_kv_policy_error = policy.error; // llama_decode returns -1: say why through llama_kv_policy_last_error()
         return false;
     }
     return true;
@@ -399,10 +399,9 @@ int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_po
         g_kv_policy_error = "llama_set_kv_policy: null context or params";
         return -1;
     }
-    auto * policy = new llama_kv_policy;
+    llama_kv_policy_ptr policy(new llama_kv_policy);
     if (!policy->init(*ctx, *params)) {
         g_kv_policy_error = policy->error;
-        delete policy;
         return -1;
     }
     // the user's eval callback: the one installed now, unless it is the previous snapkv policy's
@@ -417,8 +416,10 @@ int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_po
     } else {
         ctx->set_eval_callback(user_cb, user_cb_data);
     }
-    llama_kv_policy_free_impl(ctx->kv_policy);
-    ctx->kv_policy = params->type == LLAMA_KV_POLICY_FULL ? (delete policy, nullptr) : policy;
+    if (params->type == LLAMA_KV_POLICY_FULL) {
+        policy.reset();
+    }
+    ctx->kv_policy = std::move(policy);
     return 0;
 }
 
@@ -449,7 +450,7 @@ int32_t llama_kv_policy_head_positions(struct llama_context * ctx, llama_seq_id 
         }
         return iswa->get_swa()->seq_positions(seq_id, pos, n_max);
     }
-    const llama_kv_policy * policy = ctx->kv_policy;
+    const llama_kv_policy * policy = ctx->kv_policy.get();
     if (policy && policy->params.granularity != LLAMA_KV_POLICY_SHARED) {
         return ctx->kv_policy->head_positions(*kv, seq_id, il, head_kv, pos, n_max);
     }
@@ -471,7 +472,7 @@ struct llama_kv_policy_stats llama_get_kv_policy_stats(const struct llama_contex
     if (!ctx) {
         return st;
     }
-    if (const llama_kv_policy * policy = ctx->kv_policy) {
+    if (const llama_kv_policy * policy = ctx->kv_policy.get()) {
         if (seq_id < 0) {
             st = policy->total;
         } else if (auto it = policy->seqs.find(seq_id); it != policy->seqs.end()) {
