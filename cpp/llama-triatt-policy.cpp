@@ -380,7 +380,7 @@ struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     p.type           = LLAMA_KV_POLICY_FULL;
     p.budget         = 2048;
     p.interval       = 128;
-    p.n_sink         = 0;
+    p.n_sink         = 4;    // the default of llama.cpp's --kv-sink, Llama(kv_sink=) and pytriatt
     p.n_window       = 1;
     p.protect_prompt = false;
     p.shift          = false;
