@@ -250,10 +250,6 @@ PYBIND11_MODULE(_core, m) {
     m.attr("RANK_SCORES")     = (int) TRIATT_RANK_SCORES;
     m.attr("RANK_RECENT")     = (int) TRIATT_RANK_RECENT;
     m.attr("RANK_RANDOM")     = (int) TRIATT_RANK_RANDOM;
-    // the names these ranks had before (pytriatt.core still reads them)
-    m.attr("POLICY_TRIATTENTION") = (int) TRIATT_RANK_SCORES;
-    m.attr("POLICY_STREAMING")    = (int) TRIATT_RANK_RECENT;
-    m.attr("POLICY_RANDOM")       = (int) TRIATT_RANK_RANDOM;
     m.attr("CALIB_VERSION")       = (int) TRIATT_CALIB_VERSION;
     m.attr("DEFAULT_OFFSETS_MAX") = (int64_t) TRIATT_DEFAULT_OFFSETS_MAX;
 

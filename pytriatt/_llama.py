@@ -30,7 +30,7 @@ class PatchMissingError(RuntimeError):
     """llama-cpp-python is missing or is not the pytriatt-patched build."""
 
 
-def _import_llama_cpp():
+def import_llama_cpp():
     try:
         import llama_cpp  # noqa: F401  (loads libllama)
     except ImportError as e:
@@ -59,7 +59,7 @@ def patch_info() -> Optional[dict]:
 
 def require_patched(feature: str = "memory positions"):
     """Return the llama_cpp module, or raise PatchMissingError naming the fix."""
-    llama_cpp = _import_llama_cpp()
+    llama_cpp = import_llama_cpp()
     missing = [s for s in PATCH_SYMBOLS[feature] if not hasattr(llama_cpp, s)]
     if missing:
         version = getattr(llama_cpp, "__version__", "?")
@@ -126,7 +126,7 @@ def seq_rm_positions(ctx: Any, seq_id: int, positions: Iterable[int]) -> int:
 
 def built_backends() -> list[str]:
     """Names of the ggml backend libraries shipped with the installed llama_cpp (cpu, cuda, ...)."""
-    lc = _import_llama_cpp()
+    lc = import_llama_cpp()
     lib = Path(lc.__file__).parent / "lib"
     names = set()
     for f in lib.glob("libggml-*.*") if lib.is_dir() else []:
@@ -138,7 +138,7 @@ def built_backends() -> list[str]:
 
 def core_in_libllama() -> bool:
     """Whether the installed libllama carries the TriAttention core compiled from cpp/."""
-    lc = _import_llama_cpp()
+    lc = import_llama_cpp()
     lib = Path(lc.__file__).parent / "lib" / "libllama.so"
     if not lib.is_file():
         return False

@@ -139,12 +139,12 @@ def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_S
         tokens = model.tokenize(text, add_bos=False)[:max_tokens]
         if not tokens:
             raise ValueError("the calibration text produced no tokens")
-        bos = model._lc.llama_vocab_bos(model.vocab)
-        add_bos = bool(model._lc.llama_vocab_get_add_bos(model.vocab)) and bos >= 0
+        bos = model.lc.llama_vocab_bos(model.vocab)
+        add_bos = bool(model.lc.llama_vocab_get_add_bos(model.vocab)) and bos >= 0
         windows = token_windows(tokens, n_ctx, bos if add_bos else None)
         total = sum(len(w) for w in windows)
         res = capture(model, windows, n_ctx=n_ctx, n_threads=n_threads, progress=progress, total=total)
-        n_head_kv = model._lc.llama_model_n_head_kv(model.ptr)
+        n_head_kv = model.lc.llama_model_n_head_kv(model.ptr)
         head_dim = rope.head_dim
     finally:
         model.close()

@@ -27,7 +27,7 @@ def _llama_cpp():
     return _llama.require_patched()
 
 
-def _quiet_logs(lc) -> None:
+def quiet_logs(lc) -> None:
     # llama.cpp logs every load to stderr; keep errors only unless PYTRIATT_VERBOSE is set
     if os.environ.get("PYTRIATT_VERBOSE"):
         return
@@ -43,7 +43,7 @@ def _quiet_logs(lc) -> None:
             import sys
             sys.stderr.write(text.decode("utf-8", "replace"))
 
-    _quiet_logs.cb = _cb  # keep the callback alive
+    quiet_logs.cb = _cb  # keep the callback alive; the benchmark's log capture restores it
     lc.llama_log_set(_cb, ctypes.c_void_p(0))
 
 
@@ -60,7 +60,7 @@ class Model:
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
         if not _backend_ready:
-            _quiet_logs(lc)
+            quiet_logs(lc)
             lc.llama_backend_init()
             _backend_ready = True
         params = lc.llama_model_default_params()
@@ -72,26 +72,26 @@ class Model:
         self.path = path
         self.vocab = lc.llama_model_get_vocab(self.ptr)
         self.n_vocab = lc.llama_vocab_n_tokens(self.vocab)
-        self._lc = lc
+        self.lc = lc
 
     def meta(self, key: str) -> Optional[str]:
         buf = ctypes.create_string_buffer(1024)
-        n = self._lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        n = self.lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
         return buf.value.decode() if n >= 0 else None
 
     def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
         raw = text.encode()
         n_max = len(raw) + 16
-        buf = (self._lc.llama_token * n_max)()
-        n = self._lc.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, False)
+        buf = (self.lc.llama_token * n_max)()
+        n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, n_max, add_bos, False)
         if n < 0:
-            buf = (self._lc.llama_token * -n)()
-            n = self._lc.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_bos, False)
+            buf = (self.lc.llama_token * -n)()
+            n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, -n, add_bos, False)
         return list(buf[:n])
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
-            self._lc.llama_model_free(self.ptr)
+            self.lc.llama_model_free(self.ptr)
             self.ptr = None
 
     def __del__(self, _finalizing=sys.is_finalizing):
@@ -111,7 +111,7 @@ class Context:
         """flash_attn: None lets llama.cpp choose (auto); False also stores V transposed.
         n_ctx_swa: cells of a sliding-window model's local cache (default: llama.cpp's, from n_ctx); with a
         KV policy n_ctx is the budget, so pass the window + n_batch (eval_common.open_context does)."""
-        lc = model._lc
+        lc = model.lc
         params = lc.llama_context_default_params()
         if n_ctx_swa is not None:
             params.swa_full = False
@@ -147,8 +147,8 @@ class Context:
         self.n_batch = n_batch
         self.n_ctx = lc.llama_n_ctx(self.ctx_ptr)
         self.memory = lc.llama_get_memory(self.ctx_ptr)
-        self._lc = lc
-        self._batch = lc.llama_batch_init(n_batch, 0, 1)
+        self.lc = lc
+        self.batch = lc.llama_batch_init(n_batch, 0, 1)
 
     def set_kv_policy(self, policy: str = "tri", budget: int = 2048, *, interval: int = 128, sink: int = DEFAULT_SINK,
                       window: int = 1, protect_prompt: bool = False, kv_agg: str = "max", seed: int = 0,
@@ -176,14 +176,14 @@ class Context:
     def set_prompt(self, seq_id: int, n_prompt: int) -> None:
         """Declare the first n_prompt positions of seq_id its prompt (protected with protect_prompt=True);
         call it before decoding the prompt. Default: a sequence's first batch."""
-        self._lc.llama_kv_policy_set_prompt(self.ctx_ptr, seq_id, n_prompt)
+        self.lc.llama_kv_policy_set_prompt(self.ctx_ptr, seq_id, n_prompt)
 
     def kv_policy_stats(self, seq_id: int = 0) -> dict:
-        st = self._lc.llama_get_kv_policy_stats(self.ctx_ptr, seq_id)
+        st = self.lc.llama_get_kv_policy_stats(self.ctx_ptr, seq_id)
         return {k: getattr(st, k) for k, _ in st._fields_}
 
     def pos_max(self, seq_id: int = 0) -> int:
-        return self._lc.llama_memory_seq_pos_max(self.memory, seq_id)
+        return self.lc.llama_memory_seq_pos_max(self.memory, seq_id)
 
     def positions(self, seq_id: int = 0) -> np.ndarray:
         return _llama.seq_positions(self, seq_id)
@@ -191,7 +191,7 @@ class Context:
     def head_positions(self, seq_id: int, layer: int, head_kv: int) -> np.ndarray:
         """The positions of the tokens KV head head_kv of layer `layer` holds for seq_id, ascending (with
         per-head eviction each head keeps its own; otherwise they are positions())."""
-        lc = self._lc
+        lc = self.lc
         n = lc.llama_kv_policy_head_positions(self.ctx_ptr, seq_id, layer, head_kv, None, 0)
         if n < 0:
             raise ValueError(f"layer {layer} has no KV cache of its own, or KV head {head_kv} is out of range")
@@ -204,10 +204,10 @@ class Context:
 
     def seq_rm(self, seq_id: int, p0: int = -1, p1: int = -1) -> bool:
         """llama_memory_seq_rm: remove seq_id's tokens with positions in [p0, p1) (-1: open end)."""
-        return bool(self._lc.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+        return bool(self.lc.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
     def clear(self) -> None:
-        self._lc.llama_memory_clear(self.memory, True)
+        self.lc.llama_memory_clear(self.memory, True)
 
     def decode(self, tokens: Sequence[int], pos0: Optional[int] = None, seq_id: int = 0,
                logits: str = "last") -> Optional[np.ndarray]:
@@ -216,12 +216,12 @@ class Context:
 
         logits: "last" returns the last token's logits [n_vocab], "all" every token's
         [n, n_vocab], "none" nothing. Batches larger than n_batch are split."""
-        lc = self._lc
+        lc = self.lc
         follow = pos0 is None
         n_vocab = self.model.n_vocab
         out = [] if logits == "all" else None
         last = None
-        b = self._batch
+        b = self.batch
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             final = start + len(chunk) == len(tokens)
@@ -251,8 +251,8 @@ class Context:
 
     def close(self) -> None:
         if getattr(self, "ctx_ptr", None):
-            self._lc.llama_batch_free(self._batch)
-            self._lc.llama_free(self.ctx_ptr)
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx_ptr)
             self.ctx_ptr = None
 
     def __del__(self, _finalizing=sys.is_finalizing):

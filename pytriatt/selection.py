@@ -14,10 +14,10 @@ __all__ = ["select", "select_heads", "POLICIES"]
 POLICIES = ("tri", "streaming", "random")  # "triattention" is accepted for "tri"
 
 _POLICY_CODE = {
-    "tri": int(_core.POLICY_TRIATTENTION),
-    "triattention": int(_core.POLICY_TRIATTENTION),
-    "streaming": int(_core.POLICY_STREAMING),
-    "random": int(_core.POLICY_RANDOM),
+    "tri": int(_core.RANK_SCORES),
+    "triattention": int(_core.RANK_SCORES),
+    "streaming": int(_core.RANK_RECENT),
+    "random": int(_core.RANK_RANDOM),
 }
 
 

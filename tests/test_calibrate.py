@@ -166,7 +166,7 @@ def test_smollm2_statistics_agree_with_an_independent_python_capture(smollm2_pat
 
     model = Model(smollm2_path)
     toks = model.tokenize(default_text(), add_bos=False)[:2046]
-    windows = token_windows(toks, 1024, model._lc.llama_vocab_bos(model.vocab))
+    windows = token_windows(toks, 1024, model.lc.llama_vocab_bos(model.vocab))
     res = capture(model, windows, n_ctx=1024, n_batch=256, progress=False)
     model.close()
     want_mean, want_abs, n = _python_capture(smollm2_path, windows)

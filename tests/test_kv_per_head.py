@@ -186,7 +186,7 @@ def test_other_sequences_are_untouched_and_a_saved_state_restores_the_logits(cal
         assert np.abs(got - ref_logits).max() <= 1e-4 * np.abs(ref_logits).max()
         assert ctx.positions(1).tolist() == list(range(60))
         # a saved state, restored into a fresh context, gives the same next-token logits
-        lc = ctx._lc
+        lc = ctx.lc
         size = lc.llama_state_get_size(ctx.ctx_ptr)
         buf = (ctypes.c_uint8 * size)()
         assert lc.llama_state_get_data(ctx.ctx_ptr, buf, size) == size
@@ -220,7 +220,7 @@ def test_cells_shared_with_another_sequence_keep_their_rows(calibrated):
     with Context(m, n_ctx=256, n_batch=64, n_seq_max=2, n_threads=1) as ctx:
         ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=SINK, window=WINDOW, per_head="head")
         ctx.decode(prompt, seq_id=0, logits="none")
-        ctx._lc.llama_memory_seq_cp(ctx.memory, 0, 1, -1, -1)
+        ctx.lc.llama_memory_seq_cp(ctx.memory, 0, 1, -1, -1)
         for step in range(25):
             ctx.decode(_tokens(5, 300 + step), seq_id=0, logits="none")
         assert ctx.kv_policy_stats(0)["n_rounds"] >= 3
@@ -248,7 +248,7 @@ def test_the_three_ways_of_moving_rows_leave_the_same_bytes(calibrated, monkeypa
             for step in range(30):
                 ctx.decode(_tokens(5, 700 + step), logits="none")
             assert ctx.kv_policy_stats()["n_moved"] > 0
-            lc = ctx._lc
+            lc = ctx.lc
             size = lc.llama_state_seq_get_size(ctx.ctx_ptr, 0)
             buf = (ctypes.c_uint8 * size)()
             assert lc.llama_state_seq_get_data(ctx.ctx_ptr, buf, size, 0) == size

@@ -107,7 +107,7 @@ def test_per_head_rounds_keep_the_cache_bounded_and_a_saved_state_restores_the_l
         st = ctx.kv_policy_stats()
         assert st["n_rounds"] >= 4 and st["n_moved"] > 0
         assert st["n_evicted"] == ctx.pos_max(0) + 1 - ctx.positions(0).size
-        lc = ctx._lc
+        lc = ctx.lc
         size = lc.llama_state_get_size(ctx.ctx_ptr)
         buf = (ctypes.c_uint8 * size)()
         assert lc.llama_state_get_data(ctx.ctx_ptr, buf, size) == size

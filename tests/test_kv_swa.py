@@ -119,7 +119,7 @@ def test_a_saved_state_restores_both_caches(swa_model):
         for step in range(30):
             ctx.decode(_tokens(3, step), logits="none")
         assert ctx.kv_policy_stats()["n_rounds"] >= 2
-        lc = ctx._lc
+        lc = ctx.lc
         size = lc.llama_state_seq_get_size(ctx.ctx_ptr, 0)
         buf = (ctypes.c_uint8 * size)()
         assert lc.llama_state_seq_get_data(ctx.ctx_ptr, buf, size, 0) == size

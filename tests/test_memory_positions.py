@@ -69,7 +69,7 @@ def test_removing_scattered_positions_leaves_exactly_the_others(model):
 
 
 def test_removing_the_newest_position_is_refused_and_changes_nothing(model):
-    lc = model._lc
+    lc = model.lc
     with Context(model, n_ctx=512) as ctx:
         ctx.decode(_tokens(model, N_TOKENS))
         before = ctx.positions(0).tolist()
@@ -87,7 +87,7 @@ def test_removing_the_newest_position_is_refused_and_changes_nothing(model):
 
 
 def test_count_only_and_truncated_output(model):
-    lc = model._lc
+    lc = model.lc
     with Context(model, n_ctx=512) as ctx:
         ctx.decode(_tokens(model, 40))
         assert lc.llama_memory_seq_positions(ctx.memory, 0, None, 0) == 40
@@ -177,7 +177,7 @@ def test_a_recurrent_memory_refuses_and_python_says_why(tmp_path):
     from pytriatt.tiny import write_tiny_mamba_gguf
 
     m = Model(write_tiny_mamba_gguf(tmp_path / "tiny-mamba.gguf"))
-    lc = m._lc
+    lc = m.lc
     with Context(m, n_ctx=256) as ctx:
         ctx.decode(_tokens(m, 20))
         assert lc.llama_memory_seq_positions(ctx.memory, 0, None, 0) == -1

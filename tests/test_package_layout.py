@@ -21,6 +21,16 @@ MODULES = {module_name(p): p for p in PKG.rglob("*.py")}
 EXTENSIONS = {"pytriatt._core"}      # built from cpp/ by CMakeLists.txt: a module without Python source
 
 
+def _resolve(name: str, node: ast.ImportFrom) -> str:
+    """The absolute module an ImportFrom in module `name` imports from."""
+    package = name if MODULES[name].name == "__init__.py" else name.rpartition(".")[0]
+    if not node.level:
+        return node.module or ""
+    base = package.split(".")
+    base = base[:len(base) - node.level + 1]
+    return ".".join(base + ([node.module] if node.module else []))
+
+
 def imports(name: str):
     """(imported module, imported names) of every import in module `name` that stays inside pytriatt."""
     path = MODULES[name]
@@ -140,3 +150,21 @@ def test_no_private_name_is_imported_from_another_module(name):
     private = [(t, n) for t, names in imports(name) for n in names
                if n.startswith("_") and not n.startswith("__") and t != name]
     assert not private, f"{name} imports private names {private}"
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_no_private_name_of_another_module_is_reached_through_it(name):
+    """`from . import core` then `core._reader(...)` is the same breach as importing _reader."""
+    tree = ast.parse(MODULES[name].read_text())
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            for a in node.names:
+                full = _resolve(name, node)
+                mod = f"{full}.{a.name}"
+                if mod in MODULES or mod in EXTENSIONS:
+                    aliases[a.asname or a.name] = mod
+    bad = sorted({f"{aliases[n.value.id]}.{n.attr}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases
+                  and n.attr.startswith("_") and not n.attr.startswith("__") and aliases[n.value.id] != name})
+    assert not bad, f"{name} reaches private names {bad}"

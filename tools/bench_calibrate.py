@@ -51,7 +51,7 @@ def main() -> int:
         path = models.get(name) if name in models.MODELS else Path(name)
         model = Model(path)
         toks = model.tokenize(default_text(), add_bos=False)[: args.tokens]
-        lc = model._lc
+        lc = model.lc
         windows = token_windows(toks, args.ctx, lc.llama_vocab_bos(model.vocab))
         n = sum(len(w) for w in windows)
         plain_prefill(model, windows[:1], args.ctx, args.batch)  # warm-up

@@ -160,7 +160,7 @@ class PolicyRun:
         self.windows.append((dt, b["t_score_ms"] - a["t_score_ms"] + b["t_evict_ms"] - a["t_evict_ms"],
                              b["n_rounds"] - a["n_rounds"]))
         if self.spec.policy == "full":
-            self.ctx._lc.llama_memory_seq_rm(self.ctx.memory, 0, self.start[0], -1)
+            self.ctx.lc.llama_memory_seq_rm(self.ctx.memory, 0, self.start[0], -1)
             self.n_past, self.next_tok = self.start
         return dt
 
@@ -222,7 +222,7 @@ class PolicyRun:
 
 def decode_parallel(ctx, toks: list, pos: list) -> list:
     """One batch: token toks[s] at position pos[s] of sequence s, logits for each; returns the argmax tokens."""
-    lc, b, n = ctx._lc, ctx._batch, len(toks)
+    lc, b, n = ctx.lc, ctx.batch, len(toks)
     for s in range(n):
         b.token[s], b.pos[s], b.n_seq_id[s], b.logits[s] = int(toks[s]), int(pos[s]), 1, True
         b.seq_id[s][0] = s

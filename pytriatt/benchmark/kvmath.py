@@ -33,7 +33,7 @@ class ModelShape:
 
 
 def model_shape(model) -> ModelShape:
-    lc = model._lc
+    lc = model.lc
     arch = model.meta("general.architecture") or ""
     n_head = lc.llama_model_n_head(model.ptr)
     n_head_kv = lc.llama_model_n_head_kv(model.ptr)

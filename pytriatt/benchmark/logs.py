@@ -36,7 +36,7 @@ class KvLog:
 
     def close(self) -> None:
         from .. import context
-        prev = getattr(context._quiet_logs, "cb", None)
+        prev = getattr(context.quiet_logs, "cb", None)
         if prev is not None:
             self.lc.llama_log_set(prev, ctypes.c_void_p(0))
 

@@ -29,7 +29,7 @@ def doctor_report() -> dict:
         rep["core"] = {"error": f"pytriatt._core is not built ({e})"}
         rep["problem"] = "pytriatt's C++ extension is missing; reinstall pytriatt: tools/setup.sh"
     try:
-        lc = _llama._import_llama_cpp()
+        lc = _llama.import_llama_cpp()
     except _llama.PatchMissingError as e:
         rep.update(llama_cpp=None, patched=False, problem=str(e))
         return rep

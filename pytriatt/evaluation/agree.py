@@ -24,8 +24,8 @@ def agree_prompts(model, text: str, n_prompts: int, n_tokens: int) -> List[List[
         chars *= 2
     if len(toks) < need:
         raise EvalError(f"the text has {len(toks)} tokens; {n_prompts} prompts of {n_tokens} need {need}")
-    bos = model._lc.llama_vocab_bos(model.vocab)
-    add_bos = bool(model._lc.llama_vocab_get_add_bos(model.vocab)) and bos >= 0
+    bos = model.lc.llama_vocab_bos(model.vocab)
+    add_bos = bool(model.lc.llama_vocab_get_add_bos(model.vocab)) and bos >= 0
     out = []
     for i in range(n_prompts):
         piece = toks[i * n_tokens:(i + 1) * n_tokens]

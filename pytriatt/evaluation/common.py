@@ -160,7 +160,7 @@ def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, in
             raise EvalError("budgets must be positive")
         n_cells = min(n_tokens + 1, cells_needed(budget, interval, n_batch))
     # a sliding-window model's local layers keep their window in their own cache, sized as without a policy
-    n_swa = model._lc.llama_model_n_swa(model.ptr)
+    n_swa = model.lc.llama_model_n_swa(model.ptr)
     n_ctx_swa = n_swa + n_batch if n_swa > 0 and policy != "full" and budget is not None else None
     ctx = Context(model, n_ctx=max(n_cells, 16), n_batch=n_batch, n_ctx_swa=n_ctx_swa,
                   n_threads=RUNTIME["n_threads"], type_k=RUNTIME["type_k"], type_v=RUNTIME["type_v"],
@@ -239,7 +239,7 @@ def greedy(model, prompt: Sequence[int], n: int, policy: str = "full", budget: O
 
 
 def model_detokenize(model, tokens: Sequence[int]) -> str:
-    lc = model._lc
+    lc = model.lc
     out = bytearray()
     buf = ctypes.create_string_buffer(64)
     for t in tokens:

@@ -52,7 +52,7 @@ def run_passkey(model_path, policy: str, budget: Optional[int], *, tokens: int =
     prompt of `tokens` tokens, over `samples` keys per depth (Wilson 95% intervals)."""
     model = load_model(model_path)
     name, position = result_name(model, kw), position_mode(policy, kw)
-    eog = [t for t in (model._lc.llama_vocab_eos(model.vocab), model._lc.llama_vocab_eot(model.vocab)) if t >= 0]
+    eog = [t for t in (model.lc.llama_vocab_eos(model.vocab), model.lc.llama_vocab_eot(model.vocab)) if t >= 0]
     nl = model.tokenize("\n", add_bos=False)
     stop = eog + nl[-1:]
     rows, hits_all = [], 0

@@ -163,8 +163,8 @@ def _softmax_rows(x: np.ndarray) -> np.ndarray:
 
 def snapkv_scores(K: Dict[int, np.ndarray], Q: Dict[int, np.ndarray], q_index, layers, t: int, info,
                   *, snap_window: int = 32, kernel: int = 7) -> List[np.ndarray]:
-    """SnapKV's raw scores at round start t, as the patch computes them (cpp/llama-triatt-policy.cpp,
-    score_layers_snap): per layer and query head, the softmax attention of each of the last
+    """SnapKV's raw scores at round start t, as the policy computes them (cpp/llama-triatt-score-snapkv.cpp):
+    per layer and query head, the softmax attention of each of the last
     `snap_window` queries (positions t-W+1..t) over the candidates 0..t, summed over the
     queries and max-pooled over `kernel` neighbouring candidates. Like the patch, the window's
     queries see every candidate (no causal mask inside the window). Returns per layer
