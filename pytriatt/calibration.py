@@ -11,7 +11,7 @@ import numpy as np
 
 from . import _core, gguf_io
 from .errors import CalibrationError, FingerprintMismatchError
-from .fingerprint import model_fingerprint
+from .fingerprint import calibration_mismatch
 from .gguf_model import ModelMeta, model_shape, open_model
 from .rope import PAIRING_CODE, RopeSpec
 
@@ -202,8 +202,9 @@ class Calibration:
         """Load the ``triattention.*`` statistics of ``path`` with the RoPE of ``model``.
 
         ``model`` (path or GGUFReader) defaults to ``path`` itself (the calibration tool
-        writes the statistics into a copy of the model). With a separate ``model``, its
-        fingerprint must equal the stored one (:class:`FingerprintMismatchError`
+        writes the statistics into a copy of the model). With a separate ``model``, the statistics
+        must belong to it by the rule libllama applies when the policy attaches
+        (:func:`pytriatt.fingerprint.calibration_mismatch`; :class:`FingerprintMismatchError`
         otherwise, unless ``check_fingerprint=False``). ``rope_overrides`` are passed to
         :meth:`RopeSpec.from_gguf` (context parameters such as ``rope_freq_base``).
         """
@@ -258,11 +259,11 @@ class Calibration:
                 f"{where}: statistics shaped [n_layer={L}, n_head={H}] do not fit the model "
                 f"[n_layer={shape['n_layer']}, n_head={shape['heads'][0]}]: calibrate this model (pytriatt calibrate)")
         if model is not None and check_fingerprint:
-            mfp = model_fingerprint(mr)
-            if fp != mfp:
-                raise FingerprintMismatchError(
-                    f"the statistics in {where} belong to model {fp!r}, not to {mfp!r}: "
-                    f"calibrate this model (pytriatt calibrate) or pass check_fingerprint=False")
+            # the rule libllama applies at attach (fingerprint.calibration_mismatch), so that what Python
+            # accepts is what the policy will accept
+            problem = calibration_mismatch(r, mr)
+            if problem:
+                raise FingerprintMismatchError(problem + " (or pass check_fingerprint=False)")
         rope = RopeSpec.from_gguf(mr, strict=strict, **rope_overrides)
         if (L, H, F) != (rope.n_layer, shape["heads"][0], rope.n_freq):
             raise FingerprintMismatchError(

@@ -174,7 +174,7 @@ API = [
     ("Calibration: not GGUF", lambda f: __import__("pytriatt.core").core.Calibration.from_gguf(f["notgguf"]),
      ValueError, r"not a GGUF file"),
     ("Calibration: another model", lambda f: __import__("pytriatt.core").core.Calibration.from_gguf(
-        f["other"], model=f["tiny"]), ValueError, r"belong to model|do not fit"),
+        f["other"], model=f["tiny"]), ValueError, r"holds statistics of another model|do not fit"),
     ("calibrate(): missing file", lambda f: __import__("pytriatt.calibrate").calibrate.calibrate(f["missing"]),
      FileNotFoundError, r"no such"),
     ("calibrate(): not GGUF", lambda f: __import__("pytriatt.calibrate").calibrate.calibrate(f["notgguf"]),

@@ -240,7 +240,7 @@ def test_calibration_round_trip(tmp_path):
 def test_statistics_from_another_model_fail_clearly(tmp_path):
     path, _ = write_calibrated(tmp_path / "m.tri.gguf")
     other = write_meta(tmp_path / "other.gguf", "qwen3", name="another-model")
-    with pytest.raises(FingerprintMismatchError, match="belong to model"):
+    with pytest.raises(FingerprintMismatchError, match="holds statistics of another model"):
         Calibration.from_gguf(path, model=other)
     # the same model, separately: accepted
     same = write_meta(tmp_path / "same.gguf", "qwen3")

@@ -155,8 +155,8 @@ def one_line(msg: str) -> bool:
 def test_python_loader_refuses(tiny, tmp_path, name, mutate, py_err, cpp_err):
     path = variant(tiny, tmp_path, mutate)
     if py_err is None:
-        # a file's own name does not matter to the Python loader: it checks the model's fingerprint
-        with pytest.raises(core.FingerprintMismatchError, match="belong to model"):
+        # a file's own name does not matter to the loader itself; as statistics for the model it was, they fail
+        with pytest.raises(core.FingerprintMismatchError, match="holds statistics of another model .general.name"):
             core.Calibration.from_gguf(tiny, model=path)
         return
     with pytest.raises((core.CalibrationError, ValueError), match=py_err) as e:
@@ -205,17 +205,18 @@ def test_unreadable_calibration_files(tiny, tmp_path, ctx, what):
 
 
 def test_calibration_of_another_model_with_the_same_name_and_shape(tiny_gguf, tiny, tmp_path, ctx):
-    """Same architecture, name and shape, another RoPE base: the statistics belong to another model.
-    Python compares fingerprints; libllama compares the architecture's hyper-parameters the file carries."""
+    """Same architecture, name and shape, another RoPE base: the statistics belong to another model, and
+    Python and libllama say so in the same words (one rule: docs/calibration-format.md)."""
     other_src = tiny_gguf("llama", rope_freq_base=500000.0)
     other = calibrated(other_src, tmp_path / "other.tri.gguf", seed=1)
     assert core.model_fingerprint(other) != core.model_fingerprint(tiny)
-    with pytest.raises(core.FingerprintMismatchError, match="belong to model") as e:
+    with pytest.raises(core.FingerprintMismatchError, match="another model .llama.rope.freq_base") as py:
         core.Calibration.from_gguf(other, model=tiny)
-    assert one_line(str(e.value))
-    with pytest.raises(ValueError, match="another model .llama.rope.freq_base") as e:
+    assert one_line(str(py.value))
+    with pytest.raises(ValueError, match="another model .llama.rope.freq_base") as cpp:
         ctx.set_kv_policy("tri", budget=8, interval=8, calib=other)
-    assert one_line(str(e.value))
+    assert one_line(str(cpp.value))
+    assert str(cpp.value).split("KV policy: ")[-1] in str(py.value)
 
 
 def test_huge_header_counts_fail_fast(tmp_path):
