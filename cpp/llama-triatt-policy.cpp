@@ -393,6 +393,13 @@ struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     return p;
 }
 
+int32_t llama_kv_policy_n_cells(const struct llama_kv_policy_params * params, int32_t n_batch) {
+    GGML_ASSERT(params != nullptr);
+    // a round runs before a batch that would take the sequence past budget + interval, so the cache must
+    // hold the budget plus one interval, or plus one whole batch when batches are longer
+    return std::max(params->budget, 1) + std::max({ params->interval, n_batch, 1 });
+}
+
 int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_policy_params * params) {
     g_kv_policy_error.clear();
     if (!ctx || !params) {

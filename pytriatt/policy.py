@@ -8,6 +8,7 @@ takes which option, how many cells a budget needs) have one owner. The C side
 
 from __future__ import annotations
 
+import ctypes
 import os
 from typing import Optional, Union
 
@@ -42,10 +43,13 @@ def granularity(per_head: Union[bool, str, None]) -> int:
     return GRANULARITIES[key]
 
 
-def cells_needed(budget: int, interval: int, n_batch: int) -> int:
+def cells_needed(lc, budget: int, interval: int, n_batch: int) -> int:
     """KV cells a sequence under an evicting policy needs: the budget, plus the tokens that arrive before
-    the next round (an interval, or a whole batch when a batch is longer)."""
-    return budget + max(interval, n_batch)
+    the next round (an interval, or a whole batch when a batch is longer). libllama owns the rule
+    (llama_kv_policy_n_cells, which llama.cpp's common and Llama(kv_policy=...) use too)."""
+    p = lc.llama_kv_policy_default_params()
+    p.budget, p.interval = int(budget), int(interval)
+    return int(lc.llama_kv_policy_n_cells(ctypes.byref(p), int(n_batch)))
 
 
 def validate(policy: str, budget: Optional[int], *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,

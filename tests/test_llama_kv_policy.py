@@ -106,6 +106,21 @@ def test_n_ctx_is_the_longest_sequence_and_the_cache_is_sized_from_the_budget(ti
     assert llm.n_ctx() == llm._model.n_ctx_train() and llm.kv_cells < llm.n_ctx()
 
 
+def test_one_rule_sizes_the_cache_everywhere():
+    """llama_kv_policy_n_cells is the rule; Llama (above), llama.cpp's common and pytriatt's eval/bench use it."""
+    import ctypes
+
+    import llama_cpp
+
+    from pytriatt.policy import cells_needed
+
+    p = llama_cpp.llama_kv_policy_default_params()
+    p.budget, p.interval = 100, 50
+    assert llama_cpp.llama_kv_policy_n_cells(ctypes.byref(p), 64) == 164     # a batch longer than the interval
+    assert llama_cpp.llama_kv_policy_n_cells(ctypes.byref(p), 32) == 150     # an interval longer than the batch
+    assert cells_needed(llama_cpp, 100, 50, 64) == 164 and cells_needed(llama_cpp, 100, 50, 32) == 150
+
+
 # -- full attention is stock llama-cpp-python -------------------------------------------
 
 def test_full_policy_is_exactly_stock_behaviour(tiny):

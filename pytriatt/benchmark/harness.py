@@ -33,7 +33,7 @@ import numpy as np
 from ..calibrate import ensure_calibrated
 from ..corpus import default_text, text_tokens
 from ..errors import UserError
-from ..policy import EVICTING, KV_CACHE_TYPES
+from ..policy import EVICTING, KV_CACHE_TYPES, cells_needed
 from .kvmath import ModelShape, model_shape, pad256
 from .logs import KvLog, parse_kv_log
 from .rss import rss_peak, rss_reset
@@ -242,7 +242,7 @@ def run_parallel(model, shape: ModelShape, log: KvLog, spec: PolicySpec, cfg: di
                  tokens: list, calib: Optional[Path], progress) -> dict:
     """n_seq sequences under one policy in one context, decoding together: aggregate tok/s."""
     from ..context import Context
-    per_seq = pad256(cfg["budget"] + max(cfg["interval"], cfg["n_batch"]))
+    per_seq = pad256(cells_needed(model.lc, cfg["budget"], cfg["interval"], cfg["n_batch"]))
     log.take()
     ctx = Context(model, n_ctx=n_seq * per_seq, n_batch=max(cfg["n_batch"], n_seq), n_seq_max=n_seq,
                   n_threads=cfg["threads"], kv_unified=cfg["kv_unified"], type_k=spec.type_k, type_v=spec.type_v)
@@ -348,7 +348,7 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
         runs = []
 
         def open_run(spec):
-            cells = (max_pos + window) if spec.policy == "full" else budget + max(interval, n_batch)
+            cells = (max_pos + window) if spec.policy == "full" else cells_needed(model.lc, budget, interval, n_batch)
             r = PolicyRun(spec, model, shape, log, cfg, cells, calib)
             say(f"{spec.name}: {r.n_cells} KV cells ({r.kv_bytes / 2**20:.2f} MiB)" if r.kv_bytes is not None
                 else f"{spec.name}: {r.n_cells} KV cells")
@@ -431,7 +431,8 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
             spec = next((p for p in policies if p.policy != "full"), None)
             if spec is None:
                 raise ValueError("--parallel needs an evicting policy in --policies (e.g. tri)")
-            per_seq = pad256(budget + max(interval, n_batch)) * shape.bytes_per_cell(spec.type_k, spec.type_v)
+            per_seq = (pad256(cells_needed(model.lc, budget, interval, n_batch))
+                       * shape.bytes_per_cell(spec.type_k, spec.type_v))
             full = next((p for p in policies if p.policy == "full"), None)
             full_bytes = (pad256(max_pos + window) * shape.bytes_per_cell(full.type_k, full.type_v)
                           if full else None)

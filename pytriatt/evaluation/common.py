@@ -158,7 +158,7 @@ def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, in
     else:
         if budget < 1:
             raise EvalError("budgets must be positive")
-        n_cells = min(n_tokens + 1, cells_needed(budget, interval, n_batch))
+        n_cells = min(n_tokens + 1, cells_needed(model.lc, budget, interval, n_batch))
     # a sliding-window model's local layers keep their window in their own cache, sized as without a policy
     n_swa = model.lc.llama_model_n_swa(model.ptr)
     n_ctx_swa = n_swa + n_batch if n_swa > 0 and policy != "full" and budget is not None else None
