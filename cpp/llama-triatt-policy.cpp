@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstdlib>
 #include <cstring>
 
@@ -394,7 +393,9 @@ struct llama_kv_policy_params llama_kv_policy_default_params(void) {
 }
 
 int32_t llama_kv_policy_n_cells(const struct llama_kv_policy_params * params, int32_t n_batch) {
-    GGML_ASSERT(params != nullptr);
+    if (!params) {
+        return -1;
+    }
     // a round runs before a batch that would take the sequence past budget + interval, so the cache must
     // hold the budget plus one interval, or plus one whole batch when batches are longer
     return std::max(params->budget, 1) + std::max({ params->interval, n_batch, 1 });

@@ -45,6 +45,8 @@ struct llama_kv_scorer_snapkv : llama_kv_scorer {
     std::vector<uint8_t> q_raw;    // a captured query node
     triatt_key_rows      key_rows;
     std::vector<float>   attn;     // [n_cand] attention of one query
+    std::vector<float>   kf;       // [n_cand, head_dim] one KV head's candidate keys as f32
+    std::vector<float>   mass;     // [n_cand] attention summed over the window's queries
 
     triatt_rank rank() const override {
         return TRIATT_RANK_SCORES; // the same aggregation over heads and layers as tri
@@ -66,8 +68,8 @@ struct llama_kv_scorer_snapkv : llama_kv_scorer {
         const int32_t n_gqa = n_head / n_head_kv;
         const int32_t pool = 7; // SnapKV's kernel: keep the neighbours of attended tokens too
         out_all.assign(layers.size() * (size_t) n * n_head, 0.0f);
-        std::vector<float> kf((size_t) n * head_dim);
-        std::vector<float> mass(n);
+        kf.resize((size_t) n * head_dim);
+        mass.resize(n);
         attn.resize(n);
         for (size_t li = 0; li < layers.size(); ++li) {
             const snap_queries & sq = snap[layers[li]];
@@ -77,10 +79,13 @@ struct llama_kv_scorer_snapkv : llama_kv_scorer {
             float * out = out_all.data() + li * (size_t) n * n_head;
             for (int32_t h = 0; h < n_head; ++h) {
                 const int32_t g = h / n_gqa;
-                for (int64_t i = 0; i < n; ++i) {
-                    const size_t off = (size_t) cand_cell[i] * stride + (size_t) g * head_dim;
-                    for (int32_t d = 0; d < head_dim; ++d) {
-                        kf[(size_t) i * head_dim + d] = triatt_key_at(keys, kt, off + d);
+                if (h % n_gqa == 0) {
+                    // the query heads of one KV head share its keys: convert them once
+                    for (int64_t i = 0; i < n; ++i) {
+                        const size_t off = (size_t) cand_cell[i] * stride + (size_t) g * head_dim;
+                        for (int32_t d = 0; d < head_dim; ++d) {
+                            kf[(size_t) i * head_dim + d] = triatt_key_at(keys, kt, off + d);
+                        }
                     }
                 }
                 std::fill(mass.begin(), mass.end(), 0.0f);
@@ -120,7 +125,8 @@ struct llama_kv_scorer_snapkv : llama_kv_scorer {
 } // namespace
 
 bool triatt_snapkv_cb_eval(struct ggml_tensor * t, bool ask, void * user_data) {
-    auto * self = (llama_kv_scorer_snapkv *) user_data;
+    // the policy registers its scorer through the base class pointer: cast back the same way
+    auto * self = static_cast<llama_kv_scorer_snapkv *>(static_cast<llama_kv_scorer *>(user_data));
     // the post-RoPE query of layer il is the ROPE node named "Qcur-<il>"
     bool mine = t->op == GGML_OP_ROPE && strncmp(ggml_get_name(t), "Qcur-", 5) == 0 && t->type == GGML_TYPE_F32;
     int32_t il = -1;
@@ -183,7 +189,7 @@ void triatt_snapkv_set_user_cb(llama_kv_scorer & scorer, ggml_backend_sched_eval
 }
 
 void triatt_snapkv_get_user_cb(void * user_data, ggml_backend_sched_eval_callback & cb, void * & cb_data) {
-    const auto * sc = (const llama_kv_scorer_snapkv *) user_data;
+    const auto * sc = static_cast<const llama_kv_scorer_snapkv *>(static_cast<const llama_kv_scorer *>(user_data));
     cb      = sc->user_cb_eval;
     cb_data = sc->user_cb_eval_data;
 }

@@ -21,7 +21,7 @@ from . import _llama
 from .corpus import DEFAULT_SOURCE, default_text, read_texts  # noqa: F401  (also importable from here)
 
 # the calibration run, serve, eval and bench make when a model has none: one size, one cache
-# (ensure_calibrated). smollm2-135m takes about a minute for it on 2 CPU cores; `pytriatt calibrate`
+# (ensure_calibrated). smollm2-135m takes 37 s for it on 2 idle CPU cores (README); `pytriatt calibrate`
 # uses the paper's 32768 tokens.
 QUICK_TOKENS = 8192
 

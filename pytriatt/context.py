@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from . import _llama
-from .policy import DEFAULT_SINK, GRANULARITIES, KV_CACHE_TYPES, c_params, granularity  # noqa: F401  (GRANULARITIES, granularity: public here before)
+from .policy import DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES, KV_CACHE_TYPES, c_params, granularity  # noqa: F401  (GRANULARITIES, granularity: public here before)
 
 _backend_ready = False
 
@@ -150,8 +150,9 @@ class Context:
         self.lc = lc
         self.batch = lc.llama_batch_init(n_batch, 0, 1)
 
-    def set_kv_policy(self, policy: str = "tri", budget: int = 2048, *, interval: int = 128, sink: int = DEFAULT_SINK,
-                      window: int = 1, protect_prompt: bool = False, kv_agg: str = "max", seed: int = 0,
+    def set_kv_policy(self, policy: str = "tri", budget: int = 2048, *, interval: int = DEFAULT_INTERVAL,
+                      sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW, protect_prompt: bool = False,
+                      kv_agg: str = "max", seed: int = 0,
                       calib: Optional[str | os.PathLike] = None, n_threads: int = 0, shift: bool = False,
                       snap_window: int = 32, per_head: Union[bool, str] = False) -> None:
         """Attach an eviction policy ("full", "tri", "streaming", "random", "snapkv") run inside llama_decode.

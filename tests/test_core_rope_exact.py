@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 from pytriatt.core import RopeSpec
-# the ggml tensor reader of pytriatt's recall task (test_calibrate and test_kv_policy import these names from here)
+# the package's reader of tensors out of llama.cpp's graph
 from pytriatt.ggml_tensors import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor
 
 gguf = pytest.importorskip("gguf")

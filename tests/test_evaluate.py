@@ -297,6 +297,15 @@ def test_evaluate_runs_full_once_and_every_policy_at_every_budget(tiny, tiny_cal
     assert acc == [("full", None), ("tri", 48), ("tri", 64), ("streaming", 48), ("streaming", 64)]
 
 
+def test_unknown_policies_and_budgets_below_the_protected_tokens_are_refused(tiny):
+    with pytest.raises(EvalError, match="unknown policy 'h2o'"):
+        evaluate.evaluate(tiny, "nll", ["h2o"], [64], progress=False)
+    with pytest.raises(EvalError, match="tri@head, tri@layer"):
+        evaluate.evaluate(tiny, "nll", ["streaming@head"], [64], progress=False)
+    with pytest.raises(EvalError, match="exceed --sink"):
+        evaluate.evaluate(tiny, "nll", ["streaming"], [4], progress=False)
+
+
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "pytriatt", "eval", *map(str, args)], capture_output=True, text=True)
 

@@ -107,7 +107,8 @@ def test_n_ctx_is_the_longest_sequence_and_the_cache_is_sized_from_the_budget(ti
 
 
 def test_one_rule_sizes_the_cache_everywhere():
-    """llama_kv_policy_n_cells is the rule; Llama (above), llama.cpp's common and pytriatt's eval/bench use it."""
+    """llama_kv_policy_n_cells is the rule (Llama's cell counts above follow it); pytriatt's cells_needed, which
+    eval and bench size their contexts with, is that function."""
     import ctypes
 
     import llama_cpp

@@ -150,22 +150,25 @@ def test_a_conversation_says_what_it_lost_and_kv_protect_prompt_keeps_the_first_
 
 
 def test_every_subcommand_spells_llamas_flags_one_way_with_one_default():
-    """-m, -t, -ngl, -c, -ctk/-ctv (and -fa where llama.cpp's choice is not kept) mean the same everywhere."""
+    """-m, -t, -ngl, -c, -ctk/-ctv and -fa mean the same everywhere they apply, with the same defaults (bench keeps
+    llama.cpp's automatic flash attention and has no -c: its --positions are its sequence lengths; calibrate's
+    -c is its window and it keeps no KV cache types)."""
     from pytriatt.cli import build_parser
 
     ap = build_parser()
     sub = next(a for a in ap._actions if a.dest == "command").choices
     flags = {name: {s for a in p._actions for s in a.option_strings} for name, p in sub.items()}
     for name in ("run", "serve", "eval", "bench", "calibrate"):
-        # bench's --positions are its sequence lengths: no -c there
         assert {"-m", "-t", "-ngl"} | ({"-c"} if name != "bench" else set()) <= flags[name], name
     for name in ("run", "serve", "eval", "bench"):
-        assert {"-ctk", "-ctv"} <= flags[name] or name == "serve", name
+        assert {"-ctk", "-ctv"} | ({"-fa"} if name != "bench" else set()) <= flags[name], name
+    extra = {"eval": ["--task", "nll"], "calibrate": ["-o", "x.gguf"]}
     defaults = {}
-    for name in ("run", "eval", "bench"):
-        args = ap.parse_args([name, "m.gguf"] + (["--task", "nll"] if name == "eval" else []))
-        defaults[name] = (args.threads, args.n_gpu_layers, args.cache_type_k, args.cache_type_v,
-                          args.calib_tokens)
+    for name in ("run", "serve", "eval", "bench", "calibrate"):
+        args = ap.parse_args([name, "m.gguf"] + extra.get(name, []))
+        defaults[name] = (args.threads, args.n_gpu_layers, getattr(args, "cache_type_k", "f16"),
+                          getattr(args, "cache_type_v", "f16"), getattr(args, "flash_attn", "auto"),
+                          getattr(args, "calib_tokens", 8192))
     assert len(set(defaults.values())) == 1, defaults
 
 

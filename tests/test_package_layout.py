@@ -112,8 +112,40 @@ def test_subcommand_modules_import_common_never_each_other():
     subcommands = {n for n in MODULES if n.startswith("pytriatt.cli.") and n != "pytriatt.cli.common"}
     assert {"pytriatt.cli.run", "pytriatt.cli.serve", "pytriatt.cli.eval", "pytriatt.cli.bench"} <= subcommands
     for n in subcommands:
+        assert "pytriatt.cli.common" in graph()[n], f"{n} does not use cli/common.py"
         bad = sorted(t for t in graph()[n] if t.startswith("pytriatt.cli") and t != "pytriatt.cli.common")
         assert not bad, f"{n} imports {bad}"
+
+
+# docs/ARCHITECTURE.md's layers, bottom up; a module imports from its own layer or below
+LAYERS = [
+    ("base", ("policy", "errors", "gguf_io", "gguf_model", "rope", "fingerprint", "calibration", "selection", "core",
+              "corpus", "report", "models", "_core")),
+    ("llama", ("context", "_llama", "ggml_tensors")),
+    ("jobs", ("calibrate", "serve", "evaluation", "benchmark", "modelinfo", "testing")),
+    ("cli", ("cli",)),
+]
+# the package itself and the former module names (aliases of the moved modules) stand outside the layers
+OUTSIDE = {"pytriatt", "pytriatt.__main__", "pytriatt.bench", "pytriatt.eval_common", "pytriatt.eval_recall",
+           "pytriatt.eval_tasks", "pytriatt.evaluate", "pytriatt.tiny", "pytriatt.synth"}
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1]
+    return next(i for i, (_, names) in enumerate(LAYERS) if top in names)
+
+
+def test_every_module_has_a_layer():
+    for n in MODULES:
+        if n not in OUTSIDE:
+            layer_of(n)       # StopIteration: a new module docs/ARCHITECTURE.md does not place
+
+
+def test_modules_only_import_downward():
+    upward = sorted(f"{n} ({LAYERS[layer_of(n)][0]}) -> {t} ({LAYERS[layer_of(t)][0]})"
+                    for n, deps in graph().items() if n not in OUTSIDE
+                    for t in deps if t not in OUTSIDE and layer_of(t) > layer_of(n))
+    assert not upward, upward
 
 
 def test_each_job_has_a_package_of_its_own():
@@ -125,11 +157,18 @@ def test_each_job_has_a_package_of_its_own():
 
 def test_core_is_a_facade_over_the_algorithm_modules():
     # pytriatt.core keeps its public names; what it re-exports is defined in rope, calibration, selection...
+    import importlib
     tree = ast.parse(MODULES["pytriatt.core"].read_text())
     assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
     import pytriatt.core as core
+    homes = ("pytriatt.rope", "pytriatt.calibration", "pytriatt.selection", "pytriatt.fingerprint",
+             "pytriatt.gguf_model", "pytriatt.errors", "pytriatt.policy")
     for name in core.__all__:
-        assert getattr(core, name) is not None
+        obj = getattr(core, name)
+        home = getattr(obj, "__module__", None)
+        # functions and classes are defined in an algorithm module; constants are the same objects as there
+        assert home in homes if home else any(getattr(importlib.import_module(h), name, None) is obj
+                                              for h in homes + ("pytriatt._core",)), name
     assert core.Calibration.__module__ == "pytriatt.calibration" and core.select.__module__ == "pytriatt.selection"
 
 

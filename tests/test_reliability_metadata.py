@@ -9,7 +9,6 @@ this table pins down each rule."""
 
 from __future__ import annotations
 
-import importlib.util
 import struct
 from pathlib import Path
 
@@ -20,18 +19,11 @@ from pytriatt import core, gguf_io
 from pytriatt.gguf_model import model_shape, open_model
 from pytriatt import gguf_io as g
 
-ROOT = Path(__file__).resolve().parent.parent
+from _fuzz import fz
+
 K = "triattention."
 
 
-def _fuzz_tool():
-    spec = importlib.util.spec_from_file_location("fuzz_calib", ROOT / "tools" / "fuzz_calib.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fz = _fuzz_tool()
 
 
 @pytest.fixture(scope="module")

@@ -30,10 +30,10 @@ from typing import Optional
 
 import numpy as np
 
-from ..calibrate import ensure_calibrated
+from ..calibrate import QUICK_TOKENS, ensure_calibrated
 from ..corpus import default_text, text_tokens
 from ..errors import UserError
-from ..policy import EVICTING, KV_CACHE_TYPES, cells_needed
+from ..policy import DEFAULT_INTERVAL, DEFAULT_SINK, EVICTING, KV_CACHE_TYPES, cells_needed
 from .kvmath import ModelShape, model_shape, pad256
 from .logs import KvLog, parse_kv_log
 from .rss import rss_peak, rss_reset
@@ -304,9 +304,9 @@ def run_parallel(model, shape: ModelShape, log: KvLog, spec: PolicySpec, cfg: di
 # -- the benchmark ---------------------------------------------------------------
 
 def run_bench(model_path, *, budget: int, positions: list, policies: list, window: int = 128, repeat: int = 1,
-              interval: int = 128, n_batch: int = 512, sink: int = 4, threads: Optional[int] = None,
-              score_threads: int = 0, n_gpu_layers: int = 0, calib: Optional[Path] = None,
-              calib_tokens: int = 2048, parallel=None, parallel_position: Optional[int] = None,
+              interval: int = DEFAULT_INTERVAL, n_batch: int = 512, sink: int = DEFAULT_SINK,
+              threads: Optional[int] = None, score_threads: int = 0, n_gpu_layers: int = 0, calib: Optional[Path] = None,
+              calib_tokens: int = QUICK_TOKENS, parallel=None, parallel_position: Optional[int] = None,
               kv_unified: bool = False, interleave: bool = True, progress: bool = True) -> dict:
     """Run the benchmark; returns the report (the --json output). See the module docstring."""
     from .. import _llama

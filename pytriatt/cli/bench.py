@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from .. import policy as kv_policy
 from ..benchmark import format_report, parse_policies, plot_report, run_bench
-from ..report import require_matplotlib
-from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_threads,
+from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_round_options,
+                     add_threads, number_list, plot_output,
                      calib_file, gpu_layers, print_json, resolve_model, threads)
 
 HELP = """\
@@ -38,16 +36,6 @@ $PYTRIATT_CACHE/calibrated, keyed by the model's sha256 (the cache run, serve an
 """
 
 
-def _int_list(text: str) -> list:
-    try:
-        vals = [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CliError(f"--positions takes comma-separated integers, e.g. 2048,8192 (got {text!r})") from None
-    if not vals:
-        raise CliError("--positions is empty")
-    return vals
-
-
 def cmd_bench(args) -> int:
     path = resolve_model(args.model)
     for flag, v in (("--budget", args.budget), ("--window", args.window), ("--repeat", args.repeat),
@@ -64,23 +52,16 @@ def cmd_bench(args) -> int:
             raise CliError(f"--parallel takes a number of sequences or 'auto' (got {parallel!r})") from None
         if parallel < 1:
             raise CliError("--parallel must be at least 1")
-    if args.plot:
-        out = Path(args.plot).expanduser()
-        if not out.parent.is_dir():
-            raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
-        try:
-            require_matplotlib()
-        except ImportError as e:
-            raise CliError(str(e)) from None
-    rep = run_bench(path, budget=args.budget, positions=_int_list(args.positions), policies=policies,
+    out = plot_output(args.plot) if args.plot else None
+    rep = run_bench(path, budget=args.budget, positions=number_list(args.positions, "--positions"), policies=policies,
                     window=args.window, repeat=args.repeat, interval=args.interval, n_batch=args.n_batch,
                     sink=args.sink, threads=threads(args), score_threads=args.score_threads,
                     n_gpu_layers=gpu_layers(args), calib=calib, calib_tokens=args.calib_tokens,
                     parallel=parallel, parallel_position=args.parallel_position, kv_unified=args.kv_unified,
                     interleave=not args.sequential, progress=not args.quiet)
     if args.plot:
-        plot_report(rep, Path(args.plot).expanduser())
-        rep["plot"] = str(Path(args.plot).expanduser())
+        plot_report(rep, out)
+        rep["plot"] = str(out)
     if args.json:
         print_json(rep)
     else:
@@ -105,10 +86,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="windows per position, alternating between the policies; rates are over their total time "
                         "(default 1; on a busy machine use short windows and many repeats)")
-    p.add_argument("--interval", type=int, default=kv_policy.DEFAULT_INTERVAL,
-                   help=f"evict once budget + interval tokens are cached (default {kv_policy.DEFAULT_INTERVAL})")
-    p.add_argument("--sink", type=int, default=kv_policy.DEFAULT_SINK,
-                   help=f"never evict the first N tokens (default {kv_policy.DEFAULT_SINK})")
+    add_round_options(p, window=False)        # --window here is the timed decode steps
     p.add_argument("-b", "--n-batch", type=int, default=512,
                    help="prefill batch size (default 512); an evicting policy's context holds "
                         "budget + max(interval, n_batch) cells, rounded up to 256")

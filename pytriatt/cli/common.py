@@ -12,7 +12,6 @@ from typing import Optional
 from .. import _llama
 from .. import policy as kv_policy
 from ..errors import UserError
-from ..report import mib  # noqa: F401  (the subcommands' byte formatter)
 
 CliError = UserError     # an error the user can fix; printed as one line, exit status 2
 
@@ -91,6 +90,31 @@ def calib_file(arg: Optional[str]) -> Optional[Path]:
     return calib
 
 
+def number_list(text: str, flag: str, kind=int) -> list:
+    """A comma-separated list of positive numbers (--budgets 128,256, --positions 2048,8192, --depths 0.1,0.5)."""
+    what = "whole numbers" if kind is int else "numbers"
+    try:
+        out = [kind(x.replace("_", "")) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{flag} takes comma-separated {what}, got {text!r}") from None
+    if not out or any(v <= 0 for v in out):
+        raise CliError(f"{flag} takes positive numbers, got {text!r}")
+    return out
+
+
+def plot_output(arg: str) -> Path:
+    """--plot / -o of a picture: its directory must exist and matplotlib be installed, checked before any work."""
+    from ..report import require_matplotlib
+    out = Path(arg).expanduser()
+    if not out.parent.is_dir():
+        raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
+    try:
+        require_matplotlib()
+    except ImportError as e:
+        raise CliError(str(e)) from None
+    return out
+
+
 # -- llama.cpp's flags, one spelling and one default everywhere ---------------------------
 
 def add_threads(p) -> None:
@@ -158,8 +182,8 @@ def add_calib_options(p, *, calibrate: bool) -> None:
                                    "(default: the model itself)")
     if calibrate:
         p.add_argument("--calibrate", action="store_true",
-                       help="tri on an uncalibrated model: calibrate it now (once, cached; smollm2-135m calibrates "
-                            "at about 140 tokens/s on 2 CPU cores)")
+                       help="tri on an uncalibrated model: calibrate it now (once, cached; smollm2-135m: about 40 s "
+                            "for the default size on 2 CPU cores, see the README)")
     p.add_argument("--calib-tokens", type=int, default=QUICK_TOKENS,
                    help=f"tokens of text a calibration made here uses (default {QUICK_TOKENS}; "
                         f"`pytriatt calibrate` uses 32768, as the paper)")
@@ -167,16 +191,22 @@ def add_calib_options(p, *, calibrate: bool) -> None:
 
 # -- the KV policy options of run and serve ------------------------------------------------
 
-def add_policy_options(p, *, what: str = "KV tokens to keep") -> None:
-    p.add_argument("--budget", type=int, help=f"{what}: evict down to this many (default policy tri)")
-    p.add_argument("--policy", choices=list(kv_policy.POLICIES),
-                   help="eviction policy (default: tri with --budget, else full); snapkv is a slower baseline")
+def add_round_options(p, *, window: bool = True) -> None:
+    """--interval, --sink and (unless the subcommand uses --window for something else) --window."""
     p.add_argument("--interval", type=int, default=kv_policy.DEFAULT_INTERVAL,
                    help=f"evict once the cache holds budget + interval tokens (default {kv_policy.DEFAULT_INTERVAL})")
     p.add_argument("--sink", type=int, default=kv_policy.DEFAULT_SINK,
                    help=f"never evict the first N tokens (default {kv_policy.DEFAULT_SINK})")
-    p.add_argument("--window", type=int, default=kv_policy.DEFAULT_WINDOW,
-                   help=f"never evict the last N tokens (default {kv_policy.DEFAULT_WINDOW})")
+    if window:
+        p.add_argument("--window", type=int, default=kv_policy.DEFAULT_WINDOW,
+                       help=f"never evict the last N tokens (default {kv_policy.DEFAULT_WINDOW})")
+
+
+def add_policy_options(p, *, what: str = "KV tokens to keep") -> None:
+    p.add_argument("--budget", type=int, help=f"{what}: evict down to this many (default policy tri)")
+    p.add_argument("--policy", choices=list(kv_policy.POLICIES),
+                   help="eviction policy (default: tri with --budget, else full); snapkv is a slower baseline")
+    add_round_options(p)
     p.add_argument("--protect-prompt", action="store_true",
                    help="never evict the prompt (the first prompt of a conversation)")
     p.add_argument("--per-head", nargs="?", const="head", choices=["head", "layer"], default=None,

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import List
 
-from .. import policy as kv_policy
 from ..corpus import read_text
 from ..errors import EvalError
 from ..evaluation import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_rows
 from ..evaluation.common import model_name, say
-from ..report import require_matplotlib
-from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_threads,
-                     calib_file, flash_attn, gpu_layers, print_json, resolve_model, threads)
+from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument,
+                     add_round_options, add_threads, calib_file, number_list, plot_output, flash_attn, gpu_layers, print_json, resolve_model, threads)
 
 HELP = """\
 Measure how much of a model's quality a KV-cache policy keeps at each budget (tokens kept):
@@ -57,26 +53,6 @@ examples:
 """
 
 
-def _int_list(s: str, what: str) -> List[int]:
-    try:
-        out = [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise EvalError(f"{what} takes comma-separated whole numbers, got {s!r}") from None
-    if not out or any(v <= 0 for v in out):
-        raise EvalError(f"{what} takes positive numbers, got {s!r}")
-    return out
-
-
-def _float_list(s: str, what: str) -> List[float]:
-    try:
-        out = [float(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise EvalError(f"{what} takes comma-separated numbers, got {s!r}") from None
-    if not out:
-        raise EvalError(f"{what} is empty")
-    return out
-
-
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="measure what a KV policy keeps of the model's quality at each budget",
                        description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -97,12 +73,7 @@ def add_parser(sub) -> None:
     p.add_argument("--queries", type=int, default=16, help="recall: queries replayed per round start (default 16)")
     p.add_argument("--ablations", action="store_true", help="recall: add tri-notrig, tri-nonorm, tri-kvmean, tri-offmax")
     p.add_argument("--text", metavar="FILE", help="nll/agree/recall text (default: Python's docs, pydoc_data.topics)")
-    p.add_argument("--interval", type=int, default=kv_policy.DEFAULT_INTERVAL,
-                   help=f"evict when the cache holds budget + interval (default {kv_policy.DEFAULT_INTERVAL})")
-    p.add_argument("--sink", type=int, default=kv_policy.DEFAULT_SINK,
-                   help=f"never evict the first N tokens (default {kv_policy.DEFAULT_SINK})")
-    p.add_argument("--window", type=int, default=kv_policy.DEFAULT_WINDOW,
-                   help=f"never evict the last N tokens (default {kv_policy.DEFAULT_WINDOW})")
+    add_round_options(p)
     p.add_argument("--snap-window", type=int, default=32, help="snapkv: observation window (default 32)")
     add_calib_options(p, calibrate=False)
     add_gpu_layers(p)
@@ -145,7 +116,7 @@ def _task_opts(args) -> dict:
     if args.task == "agree":
         o["gen"] = args.gen
     if args.task == "passkey":
-        o["depths"] = _float_list(args.depths, "--depths")
+        o["depths"] = number_list(args.depths, "--depths", float)
     if args.task == "dfs":
         o["nodes"] = args.nodes
     if args.task == "recall":
@@ -165,16 +136,10 @@ def cmd_eval(args) -> int:
             policies += [p for p in TRI_ABLATIONS if p not in policies]
         if args.task == "recall" and "oracle" not in policies:
             policies.append("oracle")
-        budgets = _int_list(args.budgets, "--budgets")
+        budgets = number_list(args.budgets, "--budgets")
         opts = _task_opts(args)
         if args.plot:
-            out = Path(args.plot).expanduser()
-            if not out.parent.is_dir():
-                raise EvalError(f"--plot {out}: the directory {out.parent} does not exist")
-            try:
-                require_matplotlib()
-            except ImportError as e:
-                raise EvalError(f"--plot: {e}") from None
+            plot_output(args.plot)
         runtime = dict(n_gpu_layers=gpu_layers(args), n_threads=threads(args), type_k=args.cache_type_k,
                        type_v=args.cache_type_v, flash_attn=flash_attn(args))
         rows = evaluate(path, args.task, policies, budgets, shift=args.shift, progress=not args.quiet,

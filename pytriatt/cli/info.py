@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 from .. import core, modelinfo
 from ..gguf_model import open_model
-from ..report import require_matplotlib
-from .common import CliError, add_model_argument, load_checked, print_json
+from .common import CliError, add_model_argument, load_checked, plot_output, print_json
 
 
 def add_parser(sub) -> None:
@@ -53,16 +51,10 @@ def cmd_info(args) -> int:
 def cmd_plot(args) -> int:
     if args.heads < 1:
         raise CliError("--heads must be at least 1")
-    out = Path(args.output).expanduser()
-    if not out.parent.is_dir():
-        raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
+    out = plot_output(args.output)
     path = load_checked(args.model)
     if out.exists() and out.resolve() == path.resolve():
         raise CliError(f"refusing to overwrite the model {path} with a picture; choose another -o path")
-    try:
-        require_matplotlib()
-    except ImportError as e:
-        raise CliError(str(e)) from None
     r = open_model(path)
     if r.field("triattention.version") is None:
         raise CliError(f"{path} carries no TriAttention calibration; add it with: "

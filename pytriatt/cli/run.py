@@ -10,8 +10,9 @@ from pathlib import Path
 
 from .. import _llama
 from ..models import DEFAULT_MODEL
+from ..report import mib
 from .common import (CliError, add_cache_types, add_calib_options, add_ctx_size, add_gpu_layers, add_model_argument,
-                     add_policy_options, add_threads, flash_attn, gpu_layers, kv_policy_args, mib, print_json,
+                     add_policy_options, add_threads, flash_attn, gpu_layers, kv_policy_args, print_json,
                      resolve_model, threads)
 
 

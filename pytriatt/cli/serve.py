@@ -8,8 +8,9 @@ from pathlib import Path
 from .. import _llama, models
 from ..models import DEFAULT_MODEL
 from ..serve import INSTALL_HINT, KVMiddleware, KVMonitor, bind, import_server, is_loopback, log
-from .common import (CliError, add_calib_options, add_ctx_size, add_gpu_layers, add_model_argument,
-                     add_policy_options, add_threads, gpu_layers, kv_policy_args, resolve_model, threads)
+from ..policy import KV_CACHE_TYPES
+from .common import (CliError, add_cache_types, add_calib_options, add_ctx_size, add_gpu_layers, add_model_argument,
+                     add_policy_options, add_threads, flash_attn, gpu_layers, kv_policy_args, resolve_model, threads)
 
 
 def _check_flags(args) -> None:
@@ -37,12 +38,15 @@ def build_app(args):
     alias = served_model_id(args.alias, model_arg, path)
     n_ctx = args.ctx_size if args.ctx_size is not None else (0 if kv else 2048)
     verbose = bool(os.environ.get("PYTRIATT_VERBOSE"))
+    flash = flash_attn(args)          # before the model loads: a quantized V cache without it is refused
     try:
         ms = ModelSettings(model=str(path), model_alias=alias, n_ctx=n_ctx, n_gpu_layers=gpu_layers(args),
                            n_batch=args.n_batch, n_ubatch=args.n_batch, chat_format=args.chat_format,
                            # per-token logits of the whole sequence would grow without bound in long
                            # generations (n_ctx x n_vocab floats); logprobs need them, so they are off
-                           logits_all=False, verbose=verbose, seed=args.seed, **kv)
+                           logits_all=False, verbose=verbose, seed=args.seed, flash_attn=flash,
+                           type_k=KV_CACHE_TYPES[args.cache_type_k][0], type_v=KV_CACHE_TYPES[args.cache_type_v][0],
+                           **kv)
         ms.n_threads = ms.n_threads_batch = threads(args)
         ss = ServerSettings(host=args.host, port=sock.getsockname()[1], api_key=args.api_key)
     except ValueError as e:   # pydantic's ValidationError is a ValueError
@@ -113,6 +117,7 @@ def add_parser(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one, printed at start)")
     add_ctx_size(p, "longest sequence in tokens (default 2048; with --budget the model's trained context)")
     add_gpu_layers(p)
+    add_cache_types(p)
     p.add_argument("-b", "--n-batch", type=int, default=512, help="prompt tokens per decode (default 512)")
     add_threads(p)
     p.add_argument("--alias", help="model id in /v1/models and responses (default: the model name, or the GGUF file's name)")

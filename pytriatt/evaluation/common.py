@@ -25,7 +25,8 @@ from ..errors import EvalError  # noqa: F401
 
 # policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
 # snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens
-from ..policy import GRANULARITIES, PER_HEAD_POLICIES, POLICIES, c_params, cells_needed  # noqa: E402
+from ..policy import (DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES, PER_HEAD_POLICIES, POLICIES,
+                      c_params, cells_needed)  # noqa: E402
 
 
 def split_policy(name: str):
@@ -114,7 +115,7 @@ def model_name(path: PathLike) -> str:
 
 # -- policies ---------------------------------------------------------------------------
 
-def check_supported(policies: Sequence[str], shift: bool = False) -> None:
+def check_supported(policies: Sequence[str]) -> None:
     """Refuse, in one line, policy names `pytriatt eval` does not know."""
     for name in policies:
         p, gran = split_policy(name)
@@ -125,8 +126,8 @@ def check_supported(policies: Sequence[str], shift: bool = False) -> None:
             raise EvalError(f"policy {name!r}: per-head eviction is tri@head, tri@layer, snapkv@head or snapkv@layer")
 
 
-def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: int = 4, window: int = 1,
-                  seed: int = 0, calib: Optional[PathLike] = None, shift: bool = False,
+def attach_policy(ctx, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
+                  window: int = DEFAULT_WINDOW, seed: int = 0, calib: Optional[PathLike] = None, shift: bool = False,
                   snap_window: int = 32, kv_agg: str = "max") -> None:
     """Attach an eviction policy to a pytriatt Context; it runs inside llama_decode.
 
@@ -135,7 +136,7 @@ def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: i
     if policy == "full":
         return
     lc = _llama.require_patched("kv policy")
-    check_supported([policy], shift)
+    check_supported([policy])
     policy, gran = split_policy(policy)
     p = c_params(lc, policy, budget, interval=interval, sink=sink, window=window, per_head=gran, shift=shift,
                  calib=calib if calib is not None else ctx.model.path, seed=seed, kv_agg=kv_agg,
@@ -144,7 +145,7 @@ def attach_policy(ctx, policy: str, budget: int, *, interval: int = 128, sink: i
         raise EvalError(f"policy {policy}: " + lc.llama_kv_policy_last_error().decode("utf-8", "replace"))
 
 
-def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, interval: int = 128,
+def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, interval: int = DEFAULT_INTERVAL,
                  n_batch: Optional[int] = None, **policy_kw):
     """A Context for one sequence of up to n_tokens tokens with `policy` attached.
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from .. import _llama, gguf_io
 from ..ggml_tensors import GgmlTensor, ggml_lib, read_tensor
+from ..policy import DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW
 from .common import EvalError, load_model, mean_ci, model_name, read_text, row, say, text_tokens
 
 RECALL_POLICIES = ("full", "tri", "streaming", "random", "snapkv", "oracle")
@@ -199,7 +200,8 @@ def round_starts(n_tokens: int, n_steps: int, interval: int) -> List[int]:
 
 
 def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, tokens: int = 2048,
-               samples: int = 6, queries: int = 16, interval: int = 128, sink: int = 4, window: int = 1,
+               samples: int = 6, queries: int = 16, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
+               window: int = DEFAULT_WINDOW,
                seed: int = 0, calib=None, snap_window: int = 32, kv_agg: str = "max", ablations: bool = False,
                text: Optional[str] = None, text_file=None, progress: bool = False, name: Optional[str] = None,
                **_ignored) -> List[dict]:

@@ -60,7 +60,7 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
         if bad:
             raise EvalError(f"unknown policy {bad[0]!r} for recall (known: {', '.join(sorted(known))})")
     else:
-        check_supported(policies, shift)
+        check_supported(policies)
     needs_tri = any(p == "tri" or p.startswith(("tri-", "tri@")) for p in policies)
     if needs_tri and calib is None:
         from ..calibrate import QUICK_TOKENS, ensure_calibrated

@@ -200,6 +200,26 @@ def add_vocab(w, tokens, scores, types) -> None:
     w.add_add_space_prefix(True)
 
 
+def _writer(path, arch: str):
+    """(path, a gguf.GGUFWriter for it), its directory made."""
+    import gguf
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path, gguf.GGUFWriter(str(path), arch)
+
+
+def _finish(w, path: pathlib.Path) -> pathlib.Path:
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def _random_tensor(w, rng, name: str, shape, base: float, std: float) -> None:
+    w.add_tensor(name, np.float32(base) + rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+
 def write_tiny_gguf(
     path: Union[str, os.PathLike],
     arch: str = "llama",
@@ -311,9 +331,7 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed)
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
 
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), arch)
+    path, w = _writer(path, arch)
 
     # ---- metadata -------------------------------------------------------
     w.add_name(name)
@@ -454,11 +472,7 @@ def write_tiny_gguf(
         if arch in ("gemma3", "olmo2", "glm4"):
             vec(f"{b}.post_ffw_norm.weight", n_embd, 1.0, 0.1)
 
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_embd: int = 32, d_state: int = 8,
@@ -467,14 +481,10 @@ def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_
 
     It exists to check that what needs per-token KV cells refuses a recurrent
     memory with a clear error instead of misbehaving."""
-    import gguf
-
     tokens, scores, types = tiny_vocab()
     n_vocab, d_inner, dt_rank = len(tokens), 2 * n_embd, max(1, n_embd // 16)
     rng = np.random.default_rng(seed)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), "mamba")
+    path, w = _writer(path, "mamba")
     w.add_name("tiny-mamba")
     w.add_context_length(4096)
     w.add_embedding_length(n_embd)
@@ -489,7 +499,7 @@ def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_
     add_vocab(w, tokens, scores, types)
 
     def t(name: str, *shape: int, base: float = 0.0, std: float = 0.1) -> None:
-        w.add_tensor(name, (np.float32(base) + rng.standard_normal(shape, dtype=np.float32) * np.float32(std)))
+        _random_tensor(w, rng, name, shape, base, std)
 
     t("token_embd.weight", n_vocab, n_embd, std=1.0)
     t("output_norm.weight", n_embd, base=1.0)
@@ -505,11 +515,7 @@ def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_
         t(f"{b}.ssm_a", d_inner, d_state, base=-1.0)
         t(f"{b}.ssm_d", d_inner, base=1.0)
         t(f"{b}.ssm_out.weight", n_embd, d_inner)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
 
 
 def write_tiny_deepseek2_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
@@ -522,14 +528,10 @@ def write_tiny_deepseek2_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2
     from which every head's key and value are reconstructed (``attn_k_b`` / ``attn_v_b``).
     All layers are dense (``leading_dense_block_count = n_layer``). It exists to check
     that what scores per-head keys refuses such a cache, naming why."""
-    import gguf
-
     tokens, scores, types = tiny_vocab()
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    w = gguf.GGUFWriter(str(path), "deepseek2")
+    path, w = _writer(path, "deepseek2")
     w.add_name("tiny-deepseek2")
     w.add_context_length(4096)
     w.add_embedding_length(n_embd)
@@ -555,8 +557,7 @@ def write_tiny_deepseek2_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2
     add_vocab(w, tokens, scores, types)
 
     def t(name: str, *shape: int, base: float = 0.0, std: Optional[float] = None) -> None:
-        s = (1.0 / np.sqrt(shape[-1])) if std is None else std
-        w.add_tensor(name, (np.float32(base) + rng.standard_normal(shape, dtype=np.float32) * np.float32(s)))
+        _random_tensor(w, rng, name, shape, base, (1.0 / np.sqrt(shape[-1])) if std is None else std)
 
     t("token_embd.weight", n_vocab, n_embd, std=1.0)
     t("output_norm.weight", n_embd, base=1.0, std=0.1)
@@ -574,8 +575,4 @@ def write_tiny_deepseek2_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2
         t(f"{b}.ffn_gate.weight", n_ff, n_embd)
         t(f"{b}.ffn_up.weight", n_ff, n_embd)
         t(f"{b}.ffn_down.weight", n_embd, n_ff)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+    return _finish(w, path)
