@@ -49,6 +49,8 @@ _MAX_NESTING = 8
 # gguf_type (gguf.h)
 T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_FLOAT32, T_BOOL, T_STRING, T_ARRAY, \
     T_UINT64, T_INT64, T_FLOAT64 = range(13)
+INT_TYPES = (T_UINT8, T_INT8, T_UINT16, T_INT16, T_UINT32, T_INT32, T_UINT64, T_INT64)
+FLOAT_TYPES = (T_FLOAT32, T_FLOAT64)
 
 _NUMPY_OF = {
     T_UINT8: np.dtype("<u1"), T_INT8: np.dtype("<i1"), T_UINT16: np.dtype("<u2"), T_INT16: np.dtype("<i2"),

@@ -23,8 +23,7 @@ __all__ = ["ModelMeta", "open_model", "model_shape", "MAX_LAYERS"]
 # block count from making per-layer lists of billions of entries
 MAX_LAYERS = 4096
 
-_INT_TYPES = (gguf_io.T_UINT8, gguf_io.T_INT8, gguf_io.T_UINT16, gguf_io.T_INT16, gguf_io.T_UINT32,
-              gguf_io.T_INT32, gguf_io.T_UINT64, gguf_io.T_INT64)
+_INT_TYPES = gguf_io.INT_TYPES
 _GGML_F32 = 0
 
 

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import gguf_io
 from .errors import CalibrationError
 from .gguf_model import ModelMeta, model_shape, open_model
 # the plot guard and its install hint live in pytriatt.report (still importable from here)
@@ -233,8 +234,10 @@ def model_summary(path_or_reader) -> Dict[str, Any]:
     }
     try:
         shape = model_shape(m)
+        # an integer llama.cpp reads (a value of another type: the file is malformed, CalibrationError)
+        n_rot = m.integer(f"{arch}.rope.dimension_count", shape["head_dim"]) or shape["head_dim"]
     except (NotImplementedError, CalibrationError) as e:
-        out.update(n_layer=k("block_count"), supported=False, unsupported_reason=str(e))
+        out.update(n_layer=_shown_int(m, f"{arch}.block_count"), supported=False, unsupported_reason=str(e))
         return out
     n_head, n_kv = shape["heads"][0] if shape["heads"] else 0, shape["heads_kv"][0] if shape["heads_kv"] else 0
     attn = [h for h in shape["heads"] if h > 0]
@@ -247,13 +250,28 @@ def model_summary(path_or_reader) -> Dict[str, Any]:
         n_head=n_head,
         n_head_kv=n_kv,
         head_dim=shape["head_dim"],
-        n_rot=int(k("rope.dimension_count", shape["head_dim"]) or shape["head_dim"]),
-        rope_freq_base=k("rope.freq_base"),
-        context_length=k("context_length"),
-        sliding_window=k("attention.sliding_window"),
+        n_rot=n_rot,
+        rope_freq_base=_shown_float(m, f"{arch}.rope.freq_base"),
+        context_length=_shown_int(m, f"{arch}.context_length"),
+        sliding_window=_shown_int(m, f"{arch}.attention.sliding_window"),
     )
-    out.update(_support(m, arch, out))
+    try:
+        out.update(_support(m, arch, out))
+    except CalibrationError as e:
+        out.update(supported=False, unsupported_reason=str(e))
     return out
+
+
+def _shown_int(m: ModelMeta, key: str) -> Optional[int]:
+    """An integer value to show, or None (absent, or not an integer in a malformed file)."""
+    f = m.field(key)
+    return int(f.value) if f is not None and f.type in gguf_io.INT_TYPES else None
+
+
+def _shown_float(m: ModelMeta, key: str) -> Optional[float]:
+    """A number to show, or None (absent, or not a number in a malformed file)."""
+    f = m.field(key)
+    return float(f.value) if f is not None and f.type in gguf_io.INT_TYPES + gguf_io.FLOAT_TYPES else None
 
 
 def _support(m: ModelMeta, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]:
@@ -266,7 +284,7 @@ def _support(m: ModelMeta, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]
     if arch in MROPE_ARCHS:
         summary["rope_type"] = "mrope" if k("rope.dimension_sections") is not None else MROPE_ARCHS[arch]
     rope_type = summary["rope_type"]
-    if int(k("attention.kv_lora_rank", 0) or 0) > 0:
+    if (m.integer(f"{arch}.attention.kv_lora_rank", 0) or 0) > 0:
         return dict(supported=False, unsupported_reason=(
             f"architecture {arch!r} uses multi-head latent attention (MLA): its cache holds a compressed latent, "
             f"not per-head keys, so tri and snapkv cannot score it and are refused; streaming and random still "
@@ -391,7 +409,7 @@ def info_report(path, model_arg: Optional[str] = None) -> Dict[str, Any]:
         rep["calibrate_command"] = calibrate_command(model_arg or str(path))
         return rep
     rep["calibration"] = {
-        "version": int(r.scalar("triattention.version")),
+        "version": r.integer("triattention.version"),
         "tokens": cal.calib_tokens,
         "source": cal.calib_source,
         "fingerprint": cal.model_fingerprint,
