@@ -70,6 +70,19 @@ void llama_kv_policy::forget_free_cells(llama_kv_cache & kv, llama_seq_id seq_id
     }
 }
 
+void llama_kv_policy::forget_seq_cells(llama_kv_cache & kv, llama_seq_id seq_id) {
+    if (params.granularity == LLAMA_KV_POLICY_SHARED) {
+        return;
+    }
+    head_map & hm = head_map_of(kv, kv.get_stream(seq_id));
+    const llama_kv_cells & cells = kv.get_cells(seq_id);
+    for (uint32_t c = 0; c < hm.cell_pos.size(); ++c) {
+        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
+            hm.cell_pos[c] = -1;
+        }
+    }
+}
+
 // copy head segment g of cell src into cell dst, for every move, in one stream of a K or V storage tensor
 //   transposed: V stored one row per channel (element (cell c, channel j) at j*kv_size + c)
 //   staged:     the tensor is not in host memory: read the stream's rows, move, write them back

@@ -342,6 +342,9 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
     if (params.shift && !shift_down(ctx, balloc, seq_id, n_keep)) {
         return false;
     }
+    // where the tokens that arrive from now on start: the newest token is always kept, so after a shift it sits at
+    // the end of the kept run
+    st.stats.pos_round_end = params.shift ? cand_pos[keep[0]] + (llama_pos) n_keep : pos_max + 1;
     const double t2 = triatt_now_ms();
     for (llama_kv_policy_stats * s : { &st.stats, &total }) {
         s->n_rounds++;
@@ -353,12 +356,57 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
     return true;
 }
 
+void llama_kv_policy::state_read(llama_context & ctx, llama_seq_id seq_id) {
+    if (params.type == LLAMA_KV_POLICY_FULL) {
+        return;
+    }
+    llama_memory_i * mem = ctx.get_memory();
+    llama_kv_cache * kv  = triatt_full_cache(ctx);
+    const llama_seq_id s0 = seq_id < 0 ? 0 : seq_id;
+    const llama_seq_id s1 = seq_id < 0 ? (llama_seq_id) llama_n_seq_max(&ctx) : seq_id + 1;
+    for (llama_seq_id s = s0; s < s1; ++s) {
+        // the restored tokens may be what earlier rounds left: count them all as compressed. Their prompt is
+        // the one declared before the read, else none (a state does not carry it)
+        seq_state & st = seqs[s];
+        st.stats = {};
+        st.stats.pos_round_end = mem ? mem->seq_pos_max(s) + 1 : 0;
+        if (!st.prompt_declared) {
+            st.prompt_len = 0;
+        }
+        st.prompt_declared = false;
+        if (kv) {
+            // per-head: which token each head held in a restored cell is not in the state; each holds the cell's
+            forget_seq_cells(*kv, s);
+        }
+    }
+    scorer->reset();
+}
+
+bool llama_kv_policy::check_prompt(llama_pos n_prompt) {
+    if (!params.protect_prompt) {
+        return true;
+    }
+    const int64_t n_window = std::max(params.n_window, 1);
+    const int64_t n_kept   = std::max<int64_t>(n_prompt, params.n_sink) + n_window;
+    if (n_kept > params.budget) {
+        error = "KV policy: protect_prompt keeps the prompt's " + std::to_string(n_prompt) + " tokens and the newest " +
+                std::to_string(n_window) + ", more than the budget of " + std::to_string(params.budget) +
+                ": raise the budget or turn protect_prompt off";
+        return false;
+    }
+    return true;
+}
+
 //
 // glue called by llama_context
 //
 
 void llama_kv_policy_deleter::operator()(llama_kv_policy * policy) const {
     delete policy;
+}
+
+void llama_kv_policy_state_read(llama_kv_policy & policy, llama_context & ctx, llama_seq_id seq_id) {
+    policy.state_read(ctx, seq_id);
 }
 
 bool llama_kv_policy_before_batch(llama_kv_policy & policy, llama_context & ctx, llama_batch_allocr & balloc) {
@@ -401,6 +449,15 @@ int32_t llama_kv_policy_n_cells(const struct llama_kv_policy_params * params, in
     return std::max(params->budget, 1) + std::max({ params->interval, n_batch, 1 });
 }
 
+uint32_t llama_kv_policy_n_cells_swa(const struct llama_model * model, const struct llama_context_params * cparams) {
+    if (!model || !cparams || llama_model_n_swa(model) <= 0) {
+        return 0;
+    }
+    // llama_kv_cache_iswa's size without swa_full, before its cap at n_ctx
+    const uint32_t n_seq = cparams->kv_unified ? cparams->n_seq_max : 1;
+    return (uint32_t) llama_model_n_swa(model) * n_seq + cparams->n_ubatch;
+}
+
 int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_policy_params * params) {
     g_kv_policy_error.clear();
     if (!ctx || !params) {
@@ -431,13 +488,24 @@ int32_t llama_set_kv_policy(struct llama_context * ctx, const struct llama_kv_po
     return 0;
 }
 
-void llama_kv_policy_set_prompt(struct llama_context * ctx, llama_seq_id seq_id, llama_pos n_prompt) {
-    if (!ctx || !ctx->kv_policy || seq_id < 0 || n_prompt < 0) {
-        return;
+int32_t llama_kv_policy_set_prompt(struct llama_context * ctx, llama_seq_id seq_id, llama_pos n_prompt) {
+    g_kv_policy_error.clear();
+    if (!ctx || seq_id < 0 || n_prompt < 0) {
+        g_kv_policy_error = "llama_kv_policy_set_prompt: null context, or a negative seq_id or n_prompt";
+        return -1;
     }
-    auto & st = ctx->kv_policy->seqs[seq_id];
+    llama_kv_policy * policy = ctx->kv_policy.get();
+    if (!policy) {
+        return 0; // full attention: nothing to protect
+    }
+    if (!policy->check_prompt(n_prompt)) {
+        g_kv_policy_error = policy->error;
+        return -1;
+    }
+    auto & st = policy->seqs[seq_id];
     st.prompt_len      = n_prompt;
     st.prompt_declared = true;
+    return 0;
 }
 
 int32_t llama_kv_policy_head_positions(struct llama_context * ctx, llama_seq_id seq_id, int32_t il, int32_t head_kv,
@@ -483,6 +551,7 @@ struct llama_kv_policy_stats llama_get_kv_policy_stats(const struct llama_contex
     if (const llama_kv_policy * policy = ctx->kv_policy.get()) {
         if (seq_id < 0) {
             st = policy->total;
+            st.pos_round_end = 0;
         } else if (auto it = policy->seqs.find(seq_id); it != policy->seqs.end()) {
             st = it->second.stats;
         }
@@ -495,6 +564,7 @@ struct llama_kv_policy_stats llama_get_kv_policy_stats(const struct llama_contex
             // an empty sequence has no history: its counters start again with its next batch
             st.n_rounds = st.n_evicted = 0;
             st.t_score_ms = st.t_evict_ms = 0.0;
+            st.pos_round_end = 0;
         }
     } else if (mem) {
         for (llama_seq_id s = 0; s < (llama_seq_id) llama_n_seq_max(ctx); ++s) {

@@ -98,6 +98,12 @@ struct llama_kv_policy {
     // with shift, the batch's positions move down with the sequence's
     bool before_batch(llama_context & ctx, llama_batch_allocr & balloc);
 
+    // a saved state was read into seq_id's cells (seq_id < 0: every sequence): forget their history
+    void state_read(llama_context & ctx, llama_seq_id seq_id);
+
+    // protect_prompt: check that seq_id's prompt of n_prompt tokens fits the budget; false with error set if not
+    bool check_prompt(llama_pos n_prompt);
+
     // per-head: the positions KV head head_kv of scored layer il holds for seq_id (llama_kv_policy_head_positions);
     // -1 if il is not a scored layer
     int32_t head_positions(llama_kv_cache & kv, llama_seq_id seq_id, int32_t il, int32_t head_kv, llama_pos * out, int32_t n_max);
@@ -114,6 +120,7 @@ private:
     head_map & head_map_of(const llama_kv_cache & kv, uint32_t stream);
     llama_pos head_pos(const head_map & hm, const llama_kv_cells & cells, int32_t grp, uint32_t cell) const;
     void forget_free_cells(llama_kv_cache & kv, llama_seq_id seq_id);
+    void forget_seq_cells(llama_kv_cache & kv, llama_seq_id seq_id);
 
     bool shift_down(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, int64_t n_keep);
 

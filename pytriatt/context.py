@@ -110,7 +110,8 @@ class Context:
                  flash_attn: Optional[bool] = None, n_ctx_swa: Optional[int] = None):
         """flash_attn: None lets llama.cpp choose (auto); False also stores V transposed.
         n_ctx_swa: cells of a sliding-window model's local cache (default: llama.cpp's, from n_ctx); with a
-        KV policy n_ctx is the budget, so pass the window + n_batch (eval_common.open_context does)."""
+        KV policy n_ctx is the budget, so pass pytriatt.policy.cells_needed_swa (evaluation.common.open_context
+        does)."""
         lc = model.lc
         params = lc.llama_context_default_params()
         if n_ctx_swa is not None:
@@ -176,8 +177,10 @@ class Context:
 
     def set_prompt(self, seq_id: int, n_prompt: int) -> None:
         """Declare the first n_prompt positions of seq_id its prompt (protected with protect_prompt=True);
-        call it before decoding the prompt. Default: a sequence's first batch."""
-        self.lc.llama_kv_policy_set_prompt(self.ctx_ptr, seq_id, n_prompt)
+        call it before decoding the prompt. Default: a sequence's first batch. ValueError when
+        protect_prompt would keep more than the budget."""
+        if self.lc.llama_kv_policy_set_prompt(self.ctx_ptr, seq_id, n_prompt) != 0:
+            raise ValueError(self.lc.llama_kv_policy_last_error().decode("utf-8", "replace"))
 
     def kv_policy_stats(self, seq_id: int = 0) -> dict:
         st = self.lc.llama_get_kv_policy_stats(self.ctx_ptr, seq_id)

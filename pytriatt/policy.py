@@ -52,6 +52,14 @@ def cells_needed(lc, budget: int, interval: int, n_batch: int) -> int:
     return int(lc.llama_kv_policy_n_cells(ctypes.byref(p), int(n_batch)))
 
 
+def cells_needed_swa(lc, model_ptr, n_ubatch: int, n_seq: int = 1) -> int:
+    """KV cells a sliding-window model's local cache needs to keep its window next to an evicting policy's
+    budget-sized cache (0: the model has none). libllama owns the rule (llama_kv_policy_n_cells_swa)."""
+    p = lc.llama_context_default_params()
+    p.n_ubatch, p.n_seq_max = int(n_ubatch), int(n_seq)
+    return int(lc.llama_kv_policy_n_cells_swa(model_ptr, ctypes.byref(p)))
+
+
 def validate(policy: str, budget: Optional[int], *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
              window: int = DEFAULT_WINDOW, per_head: Union[bool, str, None] = None, shift: bool = False,
              flag: str = "--") -> None:

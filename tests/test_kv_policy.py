@@ -95,29 +95,7 @@ def test_random_is_reproducible_with_its_seed(tiny_gguf):
 
 def _capture_keys():
     """An eval callback storing every layer's post-RoPE keys by position, as llama.cpp caches them."""
-    from pytriatt.ggml_tensors import GgmlTensor as _GgmlTensor, ggml_lib as _ggml, read_tensor as _read
-
-    from pytriatt import _llama
-
-    lc = _llama.require_patched()
-    lib = _ggml()
-    keys: dict = {}
-
-    @lc.ggml_backend_sched_eval_callback
-    def cb(ptr, ask, user_data):
-        t = _GgmlTensor.from_address(ptr)
-        name = t.name.decode()
-        if not (name.startswith("Kcur-") and lib.ggml_op_desc(ptr) == b"ROPE"):
-            return not ask
-        if ask:
-            return True
-        post = _read(lib, ptr)[0]                         # [n_tokens, n_head_kv, head_dim]
-        pos = _read(lib, t.src[1]).ravel()[: post.shape[0]]
-        layer = keys.setdefault(int(name.split("-")[1]), {})
-        for p, k in zip(pos.tolist(), post):
-            layer[int(p)] = k.astype(np.float32)
-        return True
-
+    cb, keys, _ = _capture_keys_and_queries()
     return cb, keys
 
 
@@ -257,6 +235,47 @@ def test_prompt_protection_covers_the_declared_prompt_or_else_the_first_batch(ti
             ctx.decode(_tokens(1, 300 + step), logits="none")
         assert ctx.positions(0).tolist()[:6] == [0, 1, 2, 3, 4, ctx.positions(0).tolist()[5]]
         assert ctx.positions(0).tolist()[5] > 5
+
+
+def test_a_prompt_protection_that_cannot_fit_the_budget_is_refused_when_declared(tiny_gguf):
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=256, n_batch=64) as ctx:
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL, sink=4, window=8, protect_prompt=True)
+        ctx.set_prompt(0, BUDGET - 8)                          # the prompt and the window fill the budget
+        with pytest.raises(ValueError, match=rf"protect_prompt keeps the prompt's {BUDGET - 7} tokens and the "
+                                             rf"newest 8, more than the budget of {BUDGET}: raise the budget"):
+            ctx.set_prompt(0, BUDGET - 7)
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL, window=8)
+        ctx.set_prompt(0, 1000)                                # nothing is protected: nothing to refuse
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_pos_round_end_is_where_the_tokens_since_the_latest_round_start(tiny_gguf, shift):
+    """What a caller needs to know which part of its sequence rounds compressed (llama-cpp-python's
+    prefix reuse): after a decode that ran a round, its batch starts at pos_round_end."""
+    m = Model(tiny_gguf("llama"))
+    with Context(m, n_ctx=256, n_batch=64) as ctx:
+        ctx.set_kv_policy("streaming", BUDGET, interval=INTERVAL, shift=shift)
+        assert ctx.kv_policy_stats()["pos_round_end"] == 0
+        n_rounds, n_total, seen = 0, 0, 0
+        for step in range(150):
+            n_in = 1 if step % 4 else 5
+            ctx.decode(_tokens(n_in, step), logits="none")
+            n_total += n_in
+            st = ctx.kv_policy_stats()
+            held = ctx.positions(0)
+            if st["n_rounds"] > n_rounds:
+                n_rounds = st["n_rounds"]
+                seen += 1
+                assert st["pos_round_end"] == held[-n_in]             # the batch's first token
+                # in token indices: the tokens decoded before this batch
+                offset = n_total - (held[-1] + 1)                      # 0 without shift
+                assert st["pos_round_end"] + offset == n_total - n_in
+            else:
+                assert st["pos_round_end"] <= held[-n_in]
+        assert seen >= 5
+        ctx.clear()
+        assert ctx.kv_policy_stats()["pos_round_end"] == 0
 
 
 # -- shift: kept tokens move down to contiguous positions ------------------------------------------

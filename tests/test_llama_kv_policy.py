@@ -122,6 +122,48 @@ def test_one_rule_sizes_the_cache_everywhere():
     assert cells_needed(llama_cpp, 100, 50, 64) == 164 and cells_needed(llama_cpp, 100, 50, 32) == 150
 
 
+def test_one_set_of_defaults_in_libllama_pytriatt_and_llama():
+    """sink, interval and window default the same in llama_kv_policy_default_params (which llama.cpp's common
+    flags start from), pytriatt.policy (the CLI's) and Llama's keywords; the budget too, where one has a default."""
+    import inspect
+
+    from pytriatt import policy
+
+    p = llama_cpp.llama_kv_policy_default_params()
+    kw = {k: v.default for k, v in inspect.signature(llama_cpp.Llama.__init__).parameters.items()}
+    assert (p.n_sink, p.interval, p.n_window) == (policy.DEFAULT_SINK, policy.DEFAULT_INTERVAL, policy.DEFAULT_WINDOW)
+    assert (kw["kv_sink"], kw["kv_interval"], kw["kv_window"], kw["kv_budget"]) == (p.n_sink, p.interval, p.n_window,
+                                                                                    p.budget)
+
+
+def test_one_rule_sizes_a_sliding_window_models_local_cache(tiny_gguf, tiny):
+    """llama_kv_policy_n_cells_swa: the window (per sequence of a unified cache) plus one ubatch, as llama.cpp
+    sizes the local cache without swa_full; 0 for a model without sliding-window layers. Llama and
+    pytriatt's cells_needed_swa (eval) use it; llama.cpp pads the cache to 256 cells."""
+    import ctypes
+
+    from pytriatt.context import Model
+    from pytriatt.policy import cells_needed_swa
+
+    m, plain = Model(tiny_gguf("gemma3")), Model(tiny)
+    try:
+        n_swa = llama_cpp.llama_model_n_swa(m.ptr)
+        assert n_swa > 0 and llama_cpp.llama_model_n_swa(plain.ptr) == 0
+        p = llama_cpp.llama_context_default_params()
+        p.n_ubatch, p.n_seq_max, p.kv_unified = 32, 3, True
+        assert llama_cpp.llama_kv_policy_n_cells_swa(m.ptr, ctypes.byref(p)) == 3 * n_swa + 32
+        p.kv_unified = False                                    # one stream per sequence: one window each
+        assert llama_cpp.llama_kv_policy_n_cells_swa(m.ptr, ctypes.byref(p)) == n_swa + 32
+        assert llama_cpp.llama_kv_policy_n_cells_swa(plain.ptr, ctypes.byref(p)) == 0
+        assert cells_needed_swa(llama_cpp, m.ptr, 64) == n_swa + 64 and cells_needed_swa(llama_cpp, plain.ptr, 64) == 0
+    finally:
+        m.close()
+        plain.close()
+    llm = make(tiny_gguf("gemma3"), "streaming", n_batch=64)
+    want = -(-(n_swa + 64) // 256) * 256
+    assert llm.kv_stats()["n_cells_swa"] == want and llm.kv_cells == 256
+
+
 # -- full attention is stock llama-cpp-python -------------------------------------------
 
 def test_full_policy_is_exactly_stock_behaviour(tiny):
@@ -228,7 +270,45 @@ def test_save_and_load_state_with_a_compressed_cache(tiny_cal):
     a = generate(llm, nxt, 50)
     llm.load_state(state)
     assert (pytriatt.seq_positions(llm, 0) == cached).all()
+    evals = count_evals(llm)
     assert generate(llm, nxt, 50) == a
+    assert evals[0] == len(nxt) - state.n_tokens              # the restored cache is reused
+    # the restored cache is taken as compressed throughout: a prompt diverging inside it starts afresh
+    other = prompt[:10] + llm.tokenize(b" something else", add_bos=False)
+    llm.load_state(state)
+    evals = count_evals(llm)
+    assert generate(llm, other, 20) == generate(make(tiny_cal), other, 20)
+    assert evals[0] == len(other)
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_prefix_reuse_follows_the_latest_round_with_and_without_shift(tiny_cal, shift):
+    """A prompt diverging after the latest round reuses the compressed cache up to the divergence;
+    one diverging before it is evaluated afresh (and generates what a new Llama generates)."""
+    llm = make(tiny_cal, "streaming", kv_shift=shift)
+    seq = prompt_tokens(llm)
+    rounds, round_at = 0, None
+    for tok in llm.generate(seq, temp=0.0):
+        seq.append(tok)
+        st = llm.kv_policy_stats()
+        if st["n_rounds"] > rounds:
+            rounds, round_at = st["n_rounds"], llm.n_tokens - 1   # the round ran before this token's eval
+        if rounds >= 3 and llm.n_tokens == round_at + 12:
+            break
+    if not shift:
+        assert st["pos_round_end"] == round_at                       # positions are token indices
+    tail = llm.tokenize(b" a different ending", add_bos=False)
+    evals = count_evals(llm)
+    got = generate(llm, seq[:round_at + 4] + tail, 30)
+    assert evals[0] == len(tail)                                     # reused up to the divergence
+    pos = pytriatt.seq_positions(llm, 0)
+    assert pos.size <= BUDGET + INTERVAL and len(got) == 30
+    if shift:
+        assert pos.tolist() == list(range(pos.size))
+    other = seq[:round_at - 5] + tail
+    evals = count_evals(llm)
+    assert generate(llm, other, 30) == generate(make(tiny_cal, "streaming", kv_shift=shift), other, 30)
+    assert evals[0] == len(other)                                    # afresh
 
 
 def test_the_policy_survives_pickling(tiny_cal):

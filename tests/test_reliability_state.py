@@ -166,6 +166,34 @@ def test_sequence_state_restores_into_another_sequence_id(lc, model):
     np.testing.assert_allclose(b.decode(tok, pos0=n, seq_id=1), a.decode(tok, pos0=n), rtol=1e-4, atol=1e-4)
 
 
+def test_a_restored_sequence_counts_as_compressed_up_to_its_newest_token(lc, model):
+    """A saved state carries the cells, not how rounds made them: the restored sequence reports no
+    rounds, all its tokens as what rounds left (pos_round_end after the newest), and no prompt,
+    unless one was declared before the restore."""
+    a, n = compressed(model, "tri", flash_attn=False)
+    assert 0 < a.kv_policy_stats(0)["pos_round_end"] <= n - 1
+    buf, size = seq_state(lc, a)
+    # b had a history of its own (a protected 20-token prompt, rounds) in the sequence it restores into
+    b = context(model, "streaming", flash_attn=False, protect_prompt=True, sink=0)
+    own = stream(model, 70, seed=8)
+    b.decode(own[:20], pos0=0)
+    run_steps(b, own[20:], 20)
+    assert b.kv_policy_stats(0)["n_rounds"] > 0 and set(range(20)) <= set(b.positions(0).tolist())
+    assert lc.llama_state_seq_set_data(b.ctx_ptr, buf, size, 0) == size
+    st = b.kv_policy_stats(0)
+    assert st["n_rounds"] == 0 and st["pos_round_end"] == n
+    # b's old prompt no longer protects anything: streaming keeps only the newest tokens
+    run_steps(b, stream(model, 60, seed=9), n)
+    assert b.kv_policy_stats(0)["n_rounds"] > 0 and b.positions(0).min() >= n
+    # a prompt declared before the restore is the restored sequence's
+    c = context(model, "streaming", flash_attn=False, protect_prompt=True, sink=0)
+    c.set_prompt(0, 10)
+    assert lc.llama_state_seq_set_data(c.ctx_ptr, buf, size, 0) == size
+    run_steps(c, stream(model, 60, seed=9), n)
+    prompt = [p for p in a.positions(0).tolist() if p < 10]
+    assert prompt and [p for p in c.positions(0).tolist() if p < n] == prompt
+
+
 # -- Llama.save_state / load_state --------------------------------------------------------
 
 def make_llama(path, policy="tri"):

@@ -119,9 +119,10 @@ def cmd_run(args) -> int:
     n_prompt = len(prompt_tokens)
     if n_prompt == 0 or not args.prompt.strip():
         raise CliError("the prompt is empty")
-    if kv and args.protect_prompt and max(n_prompt, args.sink) + max(args.window, 1) > args.budget:
-        raise CliError(f"--protect-prompt keeps all {n_prompt} prompt tokens (+ --window {args.window}), more "
-                       f"than --budget {args.budget}: raise --budget or leave out --protect-prompt")
+    # libllama's rule for what --protect-prompt keeps, before anything is printed (generate declares it again)
+    if kv and lc.llama_kv_policy_set_prompt(llm.ctx, 0, n_prompt) != 0:
+        raise CliError(f"--protect-prompt with --budget {args.budget}: "
+                       f"{lc.llama_kv_policy_last_error().decode('utf-8', 'replace')}")
     if n_prompt + args.n_predict > llm.n_ctx():
         raise CliError(f"prompt ({n_prompt} tokens) + {args.n_predict} new tokens exceed the context of "
                        f"{llm.n_ctx()}; raise -c/--ctx-size")

@@ -26,7 +26,7 @@ from ..errors import EvalError  # noqa: F401
 # policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
 # snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens
 from ..policy import (DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES, PER_HEAD_POLICIES, POLICIES,
-                      c_params, cells_needed)  # noqa: E402
+                      c_params, cells_needed, cells_needed_swa)  # noqa: E402
 
 
 def split_policy(name: str):
@@ -161,8 +161,9 @@ def open_context(model, policy: str, budget: Optional[int], n_tokens: int, *, in
             raise EvalError("budgets must be positive")
         n_cells = min(n_tokens + 1, cells_needed(model.lc, budget, interval, n_batch))
     # a sliding-window model's local layers keep their window in their own cache, sized as without a policy
-    n_swa = model.lc.llama_model_n_swa(model.ptr)
-    n_ctx_swa = n_swa + n_batch if n_swa > 0 and policy != "full" and budget is not None else None
+    n_ctx_swa = None
+    if policy != "full" and budget is not None:
+        n_ctx_swa = cells_needed_swa(model.lc, model.ptr, n_batch) or None
     ctx = Context(model, n_ctx=max(n_cells, 16), n_batch=n_batch, n_ctx_swa=n_ctx_swa,
                   n_threads=RUNTIME["n_threads"], type_k=RUNTIME["type_k"], type_v=RUNTIME["type_v"],
                   flash_attn=RUNTIME["flash_attn"])
