@@ -101,7 +101,7 @@ struct llama_kv_policy {
     // a saved state was read into seq_id's cells (seq_id < 0: every sequence): forget their history
     void state_read(llama_context & ctx, llama_seq_id seq_id);
 
-    // protect_prompt: check that seq_id's prompt of n_prompt tokens fits the budget; false with error set if not
+    // protect_prompt: check that a prompt of n_prompt tokens fits the budget with the window; false with error set if not
     bool check_prompt(llama_pos n_prompt);
 
     // per-head: the positions KV head head_kv of scored layer il holds for seq_id (llama_kv_policy_head_positions);
