@@ -14,26 +14,6 @@
 #include <cmath>
 #include <utility>
 
-bool triatt_layer_has_rope(const llama_model & model, int32_t il) {
-    const auto & hp = model.hparams;
-    if (!hp.has_rope((uint32_t) il)) {
-        return false;
-    }
-    // the architectures whose graph skips RoPE by n_no_rope_layer_step (each reads it its own way)
-    const uint32_t step = hp.n_no_rope_layer_step;
-    switch (model.arch) {
-        case LLM_ARCH_SMOLLM3:
-            return step == 0 || (il + 1) % step != 0;
-        case LLM_ARCH_LLAMA4:
-        case LLM_ARCH_AFMOE:
-            return step > 0 && (il + 1) % step != 0;
-        case LLM_ARCH_SMALLTHINKER:
-            return step == hp.n_layer() || step == 0 || il % step != 0;
-        default:
-            return true;
-    }
-}
-
 // the calibration must belong to this model: a copy of it (pytriatt calibrate writes the model with the
 // statistics added) carries the same architecture hyper-parameters ({arch}.*, general.architecture/name)
 // and vocabulary size; quantizations of one model share them, so their statistics transfer
@@ -192,7 +172,7 @@ bool triatt_calib_load(llama_context & ctx, const char * path, const std::vector
     }
     for (int32_t il = 0; il < cal.n_layer; ++il) {
         triatt_rope_layer & rl = cal.rope[il];
-        rl.rope        = triatt_layer_has_rope(model, il); // NoPE: omega = 0, the distance-free score
+        rl.rope        = hp.has_rope((uint32_t) il); // NoPE: omega = 0, the distance-free score
         rl.n_rot       = (int32_t) hp.n_rot(il);
         rl.freq_base   = model.get_rope_freq_base(cparams, il);
         rl.freq_scale  = model.get_rope_freq_scale(cparams, il);

@@ -16,11 +16,6 @@
 struct llama_context;
 struct llama_model;
 
-// whether the graph rotates layer il's queries and keys (false for NoPE layers: SmolLM3's and
-// Llama 4's every n_no_rope_layer_step-th layer, AFMoE's, SmallThinker's, and layers whose
-// rope_pattern entry is 0); shared by the policy and the calibration capture
-bool triatt_layer_has_rope(const llama_model & model, int32_t il);
-
 // Fills cal for ctx's model: the triattention.* statistics of the GGUF at path and, per layer, the
 // RoPE exactly as the graph applies it (frequency base and scale, YaRN, rope factors, NoPE); only the
 // layers listed in `layers` (those with their own K cache) are scored. Returns false and sets err

@@ -11,16 +11,16 @@
 // staged by address, and a ROPE node accumulates the staged copy of its src[0]. The band pairing and
 // the number of rotary dims come from the ROPE node's own parameters.
 //
-// A layer without RoPE (NoPE, triatt_layer_has_rope) has no ROPE node: its query is the last
-// "Qcur-<il>" node shaped [head_dim, n_head, n_tokens], taken once the graph has moved on to another
-// layer (or when the statistics are read), with the model's pairing over its n_rot dims. Its
+// A layer without RoPE (NoPE: llama_hparams::has_rope, the graph's own rule since patch llama.cpp/0006)
+// has no ROPE node: its query is the last "Qcur-<il>" node shaped [head_dim, n_head, n_tokens], taken
+// once the graph has moved on to another layer (or when the statistics are read), with the model's
+// pairing over its n_rot dims. Its
 // statistics are the same E[q_f] and E|q_f|, which the distance-free NoPE score uses.
 //
 // Compiled into libllama only (it needs ggml); declared in llama.h by the pytriatt patch.
 
 #include "llama.h"
 #include "llama-model.h"
-#include "llama-triatt-calib.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -179,7 +179,7 @@ struct llama_triatt_capture * llama_triatt_capture_init(const struct llama_model
     cap->n_rot.resize(cap->n_layer);
     cap->neox = llama_model_rope_type(model) == LLAMA_ROPE_TYPE_NEOX;
     for (int32_t il = 0; il < cap->n_layer; ++il) {
-        cap->nope[il]  = !triatt_layer_has_rope(*model, il);
+        cap->nope[il]  = !model->hparams.has_rope((uint32_t) il);
         cap->n_rot[il] = (int32_t) model->hparams.n_rot(il);
     }
     return cap;

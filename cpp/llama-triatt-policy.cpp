@@ -104,18 +104,6 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     for (uint32_t il : kv->get_layer_ids()) {
         layers.push_back((int32_t) il);
     }
-    if (p.shift) {
-        // llama.cpp's K-shift rotates every layer its rope_pattern marks, NoPE layers included for some
-        // architectures (SmolLM3): a shift would rotate keys that were cached unrotated
-        for (int32_t il : layers) {
-            if (!triatt_layer_has_rope(model, il)) {
-                error = std::string("KV policy: shift cannot be used on this model (") + llm_arch_name(model.arch) +
-                        "): layer " + std::to_string(il) + " has no RoPE (NoPE), and re-rotating shifted keys would "
-                        "rotate its unrotated keys; keep the gaps (shift off)";
-                return false;
-            }
-        }
-    }
     n_head     = (int32_t) hp.n_head(0);
     n_head_kv  = (int32_t) hp.n_head_kv(0);
     head_dim   = (int32_t) hp.n_embd_head_k(0);

@@ -304,8 +304,8 @@ def _support(m: ModelMeta, arch: str, summary: Dict[str, Any]) -> Dict[str, Any]
     nope = [il for il, no in enumerate(no_rope_layers(arch, n_layer)) if no]
     if nope:
         shown = ", ".join(map(str, nope[:6])) + (", ..." if len(nope) > 6 else "")
-        notes.append(f"{'layer' if len(nope) == 1 else 'layers'} {shown} {'has' if len(nope) == 1 else 'have'} no RoPE (NoPE): scored by the distance-free term (docs/method.md); "
-                     f"shift is refused")
+        notes.append(f"{'layer' if len(nope) == 1 else 'layers'} {shown} {'has' if len(nope) == 1 else 'have'} no RoPE (NoPE): scored by the distance-free term "
+                     f"(docs/method.md)")
     if arch in ("llama4", "afmoe", "smallthinker"):
         notes.append("this architecture skips RoPE in some layers (NoPE) and its RoPE reading is not verified")
     if arch in FREQ_FACTOR_ARCHS:

@@ -183,10 +183,33 @@ def test_tri_on_a_model_with_nope_layers_evicts_what_the_core_selects(tiny_calib
         assert rounds >= 3 and ctx.kv_policy_stats()["n_rounds"] == rounds
 
 
-def test_shift_is_refused_on_a_model_with_nope_layers(tiny_calibrated):
-    with Context(Model(tiny_calibrated("smollm3")), n_ctx=256) as ctx:
-        with pytest.raises(ValueError, match=r"shift.*smollm3.*layer 3 has no RoPE"):
-            ctx.set_kv_policy("tri", BUDGET, shift=True)
+def test_llama_cpps_k_shift_leaves_nope_layers_keys_alone(tiny_gguf):
+    """A uniform shift keeps every distance, so after llama.cpp shifts a sequence from positions 100.. down to
+    0.. the next token's logits equal a context's that decoded it at 0.. from the start. That holds on SmolLM3
+    only if the K-shift re-rotates the RoPE layers and leaves layer 3's unrotated (NoPE) keys alone, which
+    patch llama.cpp/0006 makes it do (it rotated them by the shift before)."""
+    from pytriatt import _llama
+    lc = _llama.require_patched()
+    m = Model(tiny_gguf("smollm3"))
+    toks = np.random.default_rng(4).integers(3, 1500, size=41).tolist()
+    with Context(m, n_ctx=256, n_batch=64, n_threads=1, type_k="f32", flash_attn=False) as shifted, \
+            Context(m, n_ctx=256, n_batch=64, n_threads=1, type_k="f32", flash_attn=False) as plain:
+        shifted.decode(toks[:40], pos0=100, logits="none")
+        lc.llama_memory_seq_add(shifted.memory, 0, 100, 140, -100)
+        assert shifted.positions(0).tolist() == list(range(40))
+        plain.decode(toks[:40], pos0=0, logits="none")
+        a, b = shifted.decode(toks[40:], pos0=40), plain.decode(toks[40:], pos0=40)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+
+
+def test_shift_runs_on_a_model_with_nope_layers(tiny_calibrated):
+    with Context(Model(tiny_calibrated("smollm3")), n_ctx=BUDGET + 64, n_batch=64) as ctx:
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, shift=True)
+        for step in range(200):
+            ctx.decode(np.random.default_rng(step).integers(3, 1500, size=1).tolist(), logits="none")
+            held = ctx.positions(0)
+            assert held.tolist() == list(range(held.size)) and held.size <= BUDGET + INTERVAL
+        assert ctx.kv_policy_stats()["n_rounds"] >= 3
 
 
 @pytest.fixture(scope="module")
