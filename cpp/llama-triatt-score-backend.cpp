@@ -13,21 +13,27 @@ struct triatt_score_backend {
     ggml_backend_t       backend = nullptr;
     const triatt_calib * cal     = nullptr;
 
-    // builds the synthetic queries and norm weights: the same ones the CPU scorer uses
+    // the CPU scorer (borrowed): it builds the synthetic queries and norm weights, so both paths use the same
     triatt_scorer * scorer = nullptr;
 
     // per-call host staging
     std::vector<float> W;    // [n_head][head_dim]: synthetic queries in the key's dim order, 0 beyond n_rot
     std::vector<float> nw;   // [n_head][n_freq]: norm weights of the layer's bands
-    std::vector<float> H;    // [k_rot][k_rot]: the orthonormal Walsh-Hadamard matrix
+
+    // the orthonormal Walsh-Hadamard matrix [k_rot][k_rot], in a backend buffer of its own: built and uploaded
+    // once per k_rot (a cache's k_rot never changes), not once per layer and round
+    ggml_context *        h_ctx = nullptr;
+    ggml_backend_buffer_t h_buf = nullptr;
+    ggml_tensor *         h     = nullptr;
 
     std::vector<uint8_t> meta;  // ggml context memory (tensor and graph headers only)
     ggml_gallocr_t       galloc = nullptr;
 };
 
-triatt_score_backend * triatt_score_backend_init(ggml_backend_t backend, const triatt_calib & cal, std::string & err) {
-    if (backend == nullptr) {
-        err = "no backend";
+triatt_score_backend * triatt_score_backend_init(ggml_backend_t backend, const triatt_calib & cal, triatt_scorer * scorer,
+                                                 std::string & err) {
+    if (backend == nullptr || scorer == nullptr) {
+        err = backend ? "no CPU scorer" : "no backend";
         return nullptr;
     }
     if (!triatt_calib_check(cal, err)) {
@@ -36,21 +42,31 @@ triatt_score_backend * triatt_score_backend_init(ggml_backend_t backend, const t
     auto * sb = new triatt_score_backend();
     sb->backend = backend;
     sb->cal     = &cal;
-    sb->scorer  = triatt_scorer_init(&cal);
+    sb->scorer  = scorer;
     sb->meta.resize(ggml_tensor_overhead() * 64 + ggml_graph_overhead());
     sb->galloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
-    if (!sb->scorer || !sb->galloc) {
-        err = sb->scorer ? "cannot create a graph allocator for the backend" : "cannot create the scorer";
+    if (!sb->galloc) {
+        err = "cannot create a graph allocator for the backend";
         triatt_score_backend_free(sb);
         return nullptr;
     }
     return sb;
 }
 
+static void triatt_backend_free_hadamard(triatt_score_backend * sb) {
+    ggml_backend_buffer_free(sb->h_buf);
+    if (sb->h_ctx) {
+        ggml_free(sb->h_ctx);
+    }
+    sb->h_ctx = nullptr;
+    sb->h_buf = nullptr;
+    sb->h     = nullptr;
+}
+
 void triatt_score_backend_free(triatt_score_backend * sb) {
     if (sb) {
         ggml_gallocr_free(sb->galloc);
-        triatt_scorer_free(sb->scorer);
+        triatt_backend_free_hadamard(sb);
         delete sb;
     }
 }
@@ -66,15 +82,35 @@ static int triatt_parity(uint32_t x) {
 }
 
 // the orthonormal Sylvester-Hadamard matrix of order n (a power of two): H[i][j] = (-1)^popcount(i & j) / sqrt(n),
-// the matrix llama.cpp rotates quantized K with (symmetric, its own inverse)
-static void triatt_backend_hadamard(std::vector<float> & H, int32_t n) {
-    H.resize((size_t) n * n);
+// the matrix llama.cpp rotates quantized K with (symmetric, its own inverse); on the backend, made once per n
+static ggml_tensor * triatt_backend_hadamard(triatt_score_backend * sb, int32_t n, std::string & err) {
+    if (sb->h && sb->h->ne[0] == n) {
+        return sb->h;
+    }
+    triatt_backend_free_hadamard(sb);
+    ggml_init_params ip = { /*.mem_size =*/ ggml_tensor_overhead(), /*.mem_buffer =*/ nullptr, /*.no_alloc =*/ true };
+    sb->h_ctx = ggml_init(ip);
+    if (!sb->h_ctx) {
+        err = "ggml_init failed";
+        return nullptr;
+    }
+    ggml_tensor * h = ggml_new_tensor_2d(sb->h_ctx, GGML_TYPE_F32, n, n);
+    sb->h_buf = ggml_backend_alloc_ctx_tensors(sb->h_ctx, sb->backend);
+    if (!sb->h_buf) {
+        err = "cannot allocate the Hadamard matrix on the backend";
+        triatt_backend_free_hadamard(sb);
+        return nullptr;
+    }
+    std::vector<float> H((size_t) n * n);
     const float scale = 1.0f / std::sqrt((float) n);
     for (int32_t i = 0; i < n; ++i) {
         for (int32_t j = 0; j < n; ++j) {
             H[(size_t) i * n + j] = triatt_parity((uint32_t) (i & j)) ? -scale : scale;
         }
     }
+    ggml_backend_tensor_set(h, H.data(), 0, ggml_nbytes(h));
+    sb->h = h;
+    return h;
 }
 
 bool triatt_score_backend_layer(triatt_score_backend * sb, int32_t il, const ggml_tensor * k_storage, uint32_t stream,
@@ -155,11 +191,13 @@ bool triatt_score_backend_layer(triatt_score_backend * sb, int32_t il, const ggm
                                    (size_t) stream * k_storage->nb[2]);
     ggml_tensor * kf = type == GGML_TYPE_F32 ? k : ggml_cast(ctx, k, GGML_TYPE_F32);   // [n_embd, n_cells]
 
-    ggml_tensor * H = nullptr;
     if (k_rot > 0) {
         // stored rows are H k per block of k_rot values; H is symmetric, so H . (H k) = k, block by block
-        H = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, k_rot, k_rot);
-        ggml_set_input(H);
+        ggml_tensor * H = triatt_backend_hadamard(sb, k_rot, err);
+        if (!H) {
+            ggml_free(ctx);
+            return false;
+        }
         ggml_tensor * blocks = ggml_reshape_2d(ctx, kf, k_rot, n_embd / k_rot * n_cells);
         kf = ggml_reshape_2d(ctx, ggml_mul_mat(ctx, H, blocks), n_embd, n_cells);
     }
@@ -215,10 +253,6 @@ bool triatt_score_backend_layer(triatt_score_backend * sb, int32_t il, const ggm
     } else {
         ggml_backend_tensor_set(W, sb->W.data(), 0, ggml_nbytes(W));
         ggml_backend_tensor_set(Nw, sb->nw.data(), 0, ggml_nbytes(Nw));
-        if (H) {
-            triatt_backend_hadamard(sb->H, k_rot);
-            ggml_backend_tensor_set(H, sb->H.data(), 0, ggml_nbytes(H));
-        }
         if (ggml_backend_graph_compute(sb->backend, gf) != GGML_STATUS_SUCCESS) {
             err = "the scoring graph failed on the backend";
         } else {

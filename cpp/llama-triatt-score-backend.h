@@ -30,12 +30,14 @@
 
 #include <string>
 
-// Workspace for one (backend, calibration) pair: the per-layer constants, the graph memory and an
-// allocator whose buffer is reused from call to call (no device allocation in steady state).
-// Not thread-safe; the calibration and the backend must outlive it.
+// Workspace for one (backend, calibration) pair: the graph memory, an allocator whose buffer is reused from
+// call to call (no device allocation in steady state) and the Hadamard matrix, uploaded once. It borrows the
+// calibration's CPU scorer (triatt_scorer_init), whose synthetic queries and norm weights it uses.
+// Not thread-safe; the calibration, the scorer and the backend must outlive it.
 struct triatt_score_backend;
 
-triatt_score_backend * triatt_score_backend_init(ggml_backend_t backend, const triatt_calib & calib, std::string & err);
+triatt_score_backend * triatt_score_backend_init(ggml_backend_t backend, const triatt_calib & calib, triatt_scorer * scorer,
+                                                 std::string & err);
 void                   triatt_score_backend_free(triatt_score_backend * sb);
 
 // Raw scores of layer il's first n_cells cached keys of `stream`, at round position t.

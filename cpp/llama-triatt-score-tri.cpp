@@ -61,7 +61,7 @@ struct llama_kv_scorer_tri : llama_kv_scorer {
                 std::string msg;
                 if (be && be != scorer_be_backend) {
                     triatt_score_backend_free(scorer_be);
-                    scorer_be = triatt_score_backend_init(be, calib, msg);
+                    scorer_be = triatt_score_backend_init(be, calib, scorer, msg);
                     scorer_be_backend = scorer_be ? be : nullptr;
                 }
                 if (be && scorer_be) {

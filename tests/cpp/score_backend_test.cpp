@@ -207,7 +207,7 @@ static int run_checks(ggml_backend_t backend) {
         }
         std::string err;
         triatt_scorer * sc = triatt_scorer_init(&cal);
-        triatt_score_backend * sb = triatt_score_backend_init(backend, cal, err);
+        triatt_score_backend * sb = triatt_score_backend_init(backend, cal, sc, err);
         if (!sc || !sb) {
             printf("FAIL %-28s init: %s\n", tc.name, err.c_str());
             ++n_fail;
@@ -251,7 +251,10 @@ static int run_checks(ggml_backend_t backend) {
         k_store st;
         make_storage(st, backend, GGML_TYPE_Q8_0, 128, 256, 1, std::vector<float>(128 * 256, 1.0f), 0);
         std::string err;
-        triatt_score_backend * sb = triatt_score_backend_init(backend, cal, err);
+        triatt_scorer * sc = triatt_scorer_init(&cal);
+        const bool no_scorer = triatt_score_backend_init(backend, cal, nullptr, err) == nullptr &&
+                               err.find("scorer") != std::string::npos;
+        triatt_score_backend * sb = triatt_score_backend_init(backend, cal, sc, err);
         std::vector<float> out(4 * 256);
         const bool bad_rot = !triatt_score_backend_layer(sb, 0, st.k, 0, 256, 48, 10, out.data(), err) &&
                              err.find("k_rot") != std::string::npos;
@@ -259,16 +262,20 @@ static int run_checks(ggml_backend_t backend) {
                                err.find("out of range") != std::string::npos;
         const bool bad_stream = !triatt_score_backend_layer(sb, 0, st.k, 1, 256, 0, 10, out.data(), err);
         const bool empty = triatt_score_backend_layer(sb, 0, st.k, 0, 0, 0, 10, nullptr, err);
-        const bool ok = bad_rot && bad_layer && bad_stream && empty;
-        printf("%s %-28s bad k_rot, layer, stream refused; 0 cells accepted\n", ok ? "ok  " : "FAIL", "argument checks");
+        const bool ok = no_scorer && bad_rot && bad_layer && bad_stream && empty;
+        printf("%s %-28s no scorer, bad k_rot, layer, stream refused; 0 cells accepted\n", ok ? "ok  " : "FAIL",
+               "argument checks");
         n_fail += ok ? 0 : 1;
         triatt_score_backend_free(sb);
+        triatt_scorer_free(sc);
     }
     return n_fail;
 }
 
-static int run_bench(ggml_backend_t backend) {
-    const test_case tc = { "qwen3-8b", GGML_TYPE_F16, TRIATT_PAIRING_NEOX, 32, 8, 128, 128, 0, 0.0f, 0 };
+// one round's scores of a Qwen3-8B-shaped layer stack, K of type `type` (rotated by llama.cpp in blocks of k_rot
+// values when quantized), on the backend and, for comparison, copied to the host and scored by the CPU scorer
+static int bench_one(ggml_backend_t backend, ggml_type type, int32_t k_rot) {
+    const test_case tc = { "qwen3-8b", type, TRIATT_PAIRING_NEOX, 32, 8, 128, 128, k_rot, 0.0f, 0 };
     const int32_t n_layer = 36, kv_size = 2560;
     const uint32_t n_cells = 2176;
     std::mt19937 rng(7);
@@ -281,21 +288,21 @@ static int run_bench(ggml_backend_t backend) {
     }
     std::vector<k_store> st(n_layer);
     for (auto & s : st) {
-        if (!make_storage(s, backend, tc.type, n_embd, kv_size, 1, keys, 0)) {
+        if (!make_storage(s, backend, tc.type, n_embd, kv_size, 1, keys, k_rot)) {
             printf("cannot allocate the K tensors\n");
             return 1;
         }
     }
     std::string err;
-    triatt_score_backend * sb = triatt_score_backend_init(backend, cal, err);
     triatt_scorer * sc = triatt_scorer_init(&cal);
+    triatt_score_backend * sb = triatt_score_backend_init(backend, cal, sc, err);
     std::vector<float> out((size_t) n_cells * tc.n_head);
     auto now = [] { return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count(); };
     double best_backend = 1e30, best_copy = 1e30;
     for (int rep = 0; rep < 5; ++rep) {
         double t0 = now();
         for (int32_t il = 0; il < n_layer; ++il) {
-            if (!triatt_score_backend_layer(sb, il, st[il].k, 0, n_cells, 0, 40000 + rep, out.data(), err)) {
+            if (!triatt_score_backend_layer(sb, il, st[il].k, 0, n_cells, k_rot, 40000 + rep, out.data(), err)) {
                 printf("backend scoring failed: %s\n", err.c_str());
                 return 1;
             }
@@ -304,17 +311,22 @@ static int run_bench(ggml_backend_t backend) {
         // what the policy does without the backend scorer: copy K to the host, score there (1 thread)
         t0 = now();
         for (int32_t il = 0; il < n_layer; ++il) {
-            cpu_scores(sc, il, st[il].k, 0, n_cells, 0, 40000 + rep, 1, out, err);
+            cpu_scores(sc, il, st[il].k, 0, n_cells, k_rot, 40000 + rep, 1, out, err);
         }
         best_copy = std::min(best_copy, now() - t0);
     }
-    printf("backend %s, Qwen3-8B shape (36 layers, 32/8 heads, head_dim 128, %u cells, f16 K): one round's scores\n",
-           ggml_backend_name(backend), n_cells);
+    printf("backend %s, Qwen3-8B shape (36 layers, 32/8 heads, head_dim 128, %u cells, %s K%s): one round's scores\n",
+           ggml_backend_name(backend), n_cells, ggml_type_name(type),
+           k_rot ? (", rotated in blocks of " + std::to_string(k_rot)).c_str() : "");
     printf("  on the backend, scores brought back:    %8.2f ms\n", best_backend);
     printf("  K copied to the host, CPU scorer (1 t): %8.2f ms\n", best_copy);
     triatt_score_backend_free(sb);
     triatt_scorer_free(sc);
     return 0;
+}
+
+static int run_bench(ggml_backend_t backend) {
+    return bench_one(backend, GGML_TYPE_F16, 0) || bench_one(backend, GGML_TYPE_Q8_0, 128) ? 1 : 0;
 }
 
 int main(int argc, char ** argv) {
