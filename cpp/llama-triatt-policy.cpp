@@ -428,6 +428,25 @@ struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     return p;
 }
 
+// indexed by enum llama_kv_policy_type
+static const char * const triatt_policy_names[] = { "full", "tri", "streaming", "random", "snapkv" };
+static_assert(sizeof(triatt_policy_names) / sizeof(triatt_policy_names[0]) == LLAMA_KV_POLICY_SNAPKV + 1,
+              "one name per policy type");
+
+const char * llama_kv_policy_type_name(enum llama_kv_policy_type type) {
+    const int32_t n = (int32_t) (sizeof(triatt_policy_names) / sizeof(triatt_policy_names[0]));
+    return (int32_t) type >= 0 && (int32_t) type < n ? triatt_policy_names[type] : nullptr;
+}
+
+int32_t llama_kv_policy_type_from_name(const char * name) {
+    for (int32_t t = 0; name && llama_kv_policy_type_name((enum llama_kv_policy_type) t); ++t) {
+        if (strcmp(name, triatt_policy_names[t]) == 0) {
+            return t;
+        }
+    }
+    return -1;
+}
+
 int32_t llama_kv_policy_n_cells(const struct llama_kv_policy_params * params, int32_t n_batch) {
     if (!params) {
         return -1;

@@ -136,6 +136,23 @@ def test_one_set_of_defaults_in_libllama_pytriatt_and_llama():
                                                                                     p.budget)
 
 
+def test_libllama_names_the_policies_pytriatt_and_llama_accept(tiny):
+    """llama_kv_policy_type_name / _from_name are the one list of names (llama.cpp's --kv-policy and Llama read
+    it); pytriatt's POLICIES, which the CLI parses before loading libllama, is the same list in the same order."""
+    from pytriatt import policy
+
+    names = []
+    while (name := llama_cpp.llama_kv_policy_type_name(len(names))) is not None:
+        names.append(name.decode())
+    assert tuple(names) == policy.POLICIES
+    assert [llama_cpp.llama_kv_policy_type_from_name(n.encode()) for n in names] == list(range(len(names)))
+    assert names[llama_cpp.LLAMA_KV_POLICY_SNAPKV] == "snapkv"
+    assert llama_cpp.llama_kv_policy_type_from_name(b"lru") == -1 and llama_cpp.llama_kv_policy_type_name(-1) is None
+    with pytest.raises(ValueError, match="kv_policy must be one of 'full', 'tri', 'streaming', 'random', 'snapkv', "
+                                         "got 'lru'"):
+        llama_cpp.Llama(str(tiny), kv_policy="lru", verbose=False)
+
+
 def test_one_rule_sizes_a_sliding_window_models_local_cache(tiny_gguf, tiny):
     """llama_kv_policy_n_cells_swa: the window (per sequence of a unified cache) plus one ubatch, as llama.cpp
     sizes the local cache without swa_full; 0 for a model without sliding-window layers. Llama and

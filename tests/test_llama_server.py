@@ -164,7 +164,8 @@ def test_bad_kv_flags_are_refused_at_start_up(llama_tools, smollm2_path):
         llama_tools, ["-m", m, "--kv-policy", "streaming", "--kv-budget", "0"])
     assert "must be smaller than -c" in _llama_server_error(
         llama_tools, ["-m", m, "--kv-policy", "streaming", "--kv-budget", "512", "-c", "256"])
-    assert "unknown KV policy: sometimes" in _llama_server_error(llama_tools, ["-m", m, "--kv-policy", "sometimes"])
+    assert "unknown KV policy: sometimes (full, tri, streaming, random, snapkv)" in _llama_server_error(
+        llama_tools, ["-m", m, "--kv-policy", "sometimes"])
 
 
 def test_tri_on_an_uncalibrated_model_names_pytriatt_calibrate(llama_tools, smollm2_path):
