@@ -225,7 +225,6 @@ def model_summary(path_or_reader) -> Dict[str, Any]:
 
     m = open_model(path_or_reader)
     arch = str(m.scalar("general.architecture", "") or "")
-    k = lambda name, default=None: m.scalar(f"{arch}.{name}", default)  # noqa: E731
     out: Dict[str, Any] = {
         "architecture": arch or None,
         "name": str(m.scalar("general.name", "") or "") or None,

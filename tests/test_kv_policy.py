@@ -8,8 +8,6 @@ the same core on keys captured from llama.cpp's graph).
 
 from __future__ import annotations
 
-import ctypes
-
 import numpy as np
 import pytest
 
