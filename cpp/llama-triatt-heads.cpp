@@ -57,27 +57,14 @@ llama_pos llama_kv_policy::head_pos(const head_map & hm, const llama_kv_cells & 
     return hm.cell_pos[cell] == p ? hm.pos[(size_t) grp * hm.cell_pos.size() + cell] : p;
 }
 
-void llama_kv_policy::forget_free_cells(llama_kv_cache & kv, llama_seq_id seq_id) {
+void llama_kv_policy::forget_cells(llama_kv_cache & kv, llama_seq_id seq_id, bool held) {
     if (params.granularity == LLAMA_KV_POLICY_SHARED) {
         return;
     }
     head_map & hm = head_map_of(kv, kv.get_stream(seq_id));
     const llama_kv_cells & cells = kv.get_cells(seq_id);
     for (uint32_t c = 0; c < hm.cell_pos.size(); ++c) {
-        if (cells.is_empty(c)) {
-            hm.cell_pos[c] = -1;
-        }
-    }
-}
-
-void llama_kv_policy::forget_seq_cells(llama_kv_cache & kv, llama_seq_id seq_id) {
-    if (params.granularity == LLAMA_KV_POLICY_SHARED) {
-        return;
-    }
-    head_map & hm = head_map_of(kv, kv.get_stream(seq_id));
-    const llama_kv_cells & cells = kv.get_cells(seq_id);
-    for (uint32_t c = 0; c < hm.cell_pos.size(); ++c) {
-        if (!cells.is_empty(c) && cells.seq_has(c, seq_id)) {
+        if (cells.is_empty(c) || (held && cells.seq_has(c, seq_id))) {
             hm.cell_pos[c] = -1;
         }
     }

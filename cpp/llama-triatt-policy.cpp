@@ -204,7 +204,7 @@ bool llama_kv_policy::before_batch(llama_context & ctx, llama_batch_allocr & bal
             }
             st.prompt_declared = false;
             if (llama_kv_cache * kv = triatt_full_cache(ctx)) {
-                forget_free_cells(*kv, s);
+                forget_cells(*kv, s, /*held =*/ false);
             }
             scorer->reset();
             continue;
@@ -364,7 +364,7 @@ void llama_kv_policy::state_read(llama_context & ctx, llama_seq_id seq_id) {
         st.prompt_declared = false;
         if (kv) {
             // per-head: which token each head held in a restored cell is not in the state; each holds the cell's
-            forget_seq_cells(*kv, s);
+            forget_cells(*kv, s, /*held =*/ true);
         }
     }
     scorer->reset();

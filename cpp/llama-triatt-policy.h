@@ -119,8 +119,8 @@ private:
     int32_t head_group(size_t li, int32_t g) const;
     head_map & head_map_of(const llama_kv_cache & kv, uint32_t stream);
     llama_pos head_pos(const head_map & hm, const llama_kv_cells & cells, int32_t grp, uint32_t cell) const;
-    void forget_free_cells(llama_kv_cache & kv, llama_seq_id seq_id);
-    void forget_seq_cells(llama_kv_cache & kv, llama_seq_id seq_id);
+    // per-head: forget the head maps of the free cells of seq_id's stream, and with held also of the cells seq_id holds
+    void forget_cells(llama_kv_cache & kv, llama_seq_id seq_id, bool held);
 
     bool shift_down(llama_context & ctx, llama_batch_allocr & balloc, llama_seq_id seq_id, int64_t n_keep);
 

@@ -23,7 +23,6 @@ __all__ = ["ModelMeta", "open_model", "model_shape", "MAX_LAYERS"]
 # block count from making per-layer lists of billions of entries
 MAX_LAYERS = 4096
 
-_INT_TYPES = gguf_io.INT_TYPES
 _GGML_F32 = 0
 
 
@@ -62,7 +61,7 @@ class ModelMeta:
         f = self.field(key)
         if f is None:
             return default
-        if f.type not in _INT_TYPES:
+        if f.type not in gguf_io.INT_TYPES:
             raise CalibrationError(f"GGUF key {key} has type {self.type_name(key)}, expected an integer: "
                                    f"the file is malformed")
         return int(f.value)
@@ -88,7 +87,7 @@ class ModelMeta:
         if f is None:
             return [default] * n_layer
         if f.type == gguf_io.T_ARRAY:
-            if not len(f.value) or f.item_type not in _INT_TYPES:
+            if not len(f.value) or f.item_type not in gguf_io.INT_TYPES:
                 raise CalibrationError(f"GGUF key {key} has type {self.type_name(key)}, expected integers: "
                                        f"the file is malformed")
             a = self.array(key)

@@ -408,7 +408,7 @@ class Target:
             rep = modelinfo.info_report(path)
             json.dumps(rep, default=str)
         except Exception as e:
-            _clean_error(e, "inspect.info_report")
+            _clean_error(e, "modelinfo.info_report")
         if self.ctx is not None:
             self._cpp(path, data, py_ok)
 

@@ -200,12 +200,19 @@ def add_vocab(w, tokens, scores, types) -> None:
     w.add_add_space_prefix(True)
 
 
-def _writer(path, arch: str):
-    """(path, a gguf.GGUFWriter for it), its directory made."""
+def _writer(path, arch: str, name: str, *, n_ctx: int, n_embd: int, n_layer: int, n_ff: int, n_head: int):
+    """(path, a gguf.GGUFWriter for it holding the keys every tiny model has), its directory made."""
     import gguf
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path, gguf.GGUFWriter(str(path), arch)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(name)
+    w.add_context_length(n_ctx)
+    w.add_embedding_length(n_embd)
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_head)
+    return path, w
 
 
 def _finish(w, path: pathlib.Path) -> pathlib.Path:
@@ -331,20 +338,14 @@ def write_tiny_gguf(
     rng = np.random.default_rng(seed)
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
 
-    path, w = _writer(path, arch)
+    path, w = _writer(path, arch, name, n_ctx=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff, n_head=n_head)
 
     # ---- metadata -------------------------------------------------------
-    w.add_name(name)
     w.add_description(f"tiny random-weight {arch} model for tests (pytriatt.tiny, seed={seed})")
     w.add_file_type(
         {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
     )
-    w.add_context_length(n_ctx_train)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
     w.add_head_count_kv(n_head_kv)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
@@ -484,13 +485,7 @@ def write_tiny_mamba_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2, n_
     tokens, scores, types = tiny_vocab()
     n_vocab, d_inner, dt_rank = len(tokens), 2 * n_embd, max(1, n_embd // 16)
     rng = np.random.default_rng(seed)
-    path, w = _writer(path, "mamba")
-    w.add_name("tiny-mamba")
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(0)
-    w.add_head_count(0)
+    path, w = _writer(path, "mamba", "tiny-mamba", n_ctx=4096, n_embd=n_embd, n_layer=n_layer, n_ff=0, n_head=0)
     w.add_ssm_conv_kernel(d_conv)
     w.add_ssm_inner_size(d_inner)
     w.add_ssm_state_size(d_state)
@@ -531,13 +526,8 @@ def write_tiny_deepseek2_gguf(path: Union[str, os.PathLike], *, n_layer: int = 2
     tokens, scores, types = tiny_vocab()
     n_vocab = len(tokens)
     rng = np.random.default_rng(seed)
-    path, w = _writer(path, "deepseek2")
-    w.add_name("tiny-deepseek2")
-    w.add_context_length(4096)
-    w.add_embedding_length(n_embd)
-    w.add_block_count(n_layer)
-    w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
+    path, w = _writer(path, "deepseek2", "tiny-deepseek2", n_ctx=4096, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff,
+                      n_head=n_head)
     w.add_head_count_kv(1)                        # the latent is shared by all heads
     w.add_key_length(kv_lora_rank + qk_rope)      # what one cache row holds
     w.add_value_length(kv_lora_rank)
