@@ -165,12 +165,30 @@ def write_sidecar(model_path, cal, dst, *, force: bool = True) -> Path:
     return gguf_io.write_metadata_only(dst, fields, force=force)
 
 
+def _recipe_key(n_ctx: int) -> str:
+    """What decides an on-the-fly calibration besides the model and its size, as a short hash: the
+    statistics' format version, the text (Python's documentation differs between Python versions), the
+    window, and the code that captures the queries (pytriatt's and the patched llama-cpp-python's versions).
+    A cached calibration made under another recipe is stale, and never reused."""
+    import hashlib
+    import json
+
+    from . import __version__
+    from .calibration import CALIB_VERSION
+    llama_cpp = _llama.import_llama_cpp()
+    recipe = {"format": CALIB_VERSION, "source": DEFAULT_SOURCE, "n_ctx": n_ctx,
+              "text": hashlib.sha256(default_text().encode("utf-8")).hexdigest(),
+              "pytriatt": __version__, "llama_cpp": getattr(llama_cpp, "__version__", "?")}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def ensure_calibrated(model_path, *, tokens: int = QUICK_TOKENS, n_gpu_layers: int = 0, n_ctx: int = 2048,
                       progress: bool = True) -> Path:
     """A GGUF carrying the model's TriAttention statistics: the model itself if it carries them, else a
     statistics-only sidecar (write_sidecar) calibrated once on `tokens` tokens of Python's documentation and
-    cached under $PYTRIATT_CACHE/calibrated, keyed by the model file's sha256 and the calibration size.
-    The one cache `pytriatt run/serve --calibrate`, `eval` and `bench` share."""
+    cached under $PYTRIATT_CACHE/calibrated, keyed by the model file's sha256, the calibration size and
+    the recipe (_recipe_key: format version, text, window, versions). The one cache
+    `pytriatt run/serve --calibrate`, `eval` and `bench` share."""
     from . import gguf_io, models
     model_path = Path(model_path)
     if gguf_io.has_prefix(model_path, "triattention."):
@@ -181,14 +199,15 @@ def ensure_calibrated(model_path, *, tokens: int = QUICK_TOKENS, n_gpu_layers: i
         print(f"pytriatt: {model_path.name} carries no TriAttention calibration; hashing it to look for a "
               f"cached one", file=sys.stderr)
     stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in model_path.stem)
-    dst = models.cache_dir() / "calibrated" / f"{stem}-{models.sha256_file(model_path)[:16]}-{tokens}.calib.gguf"
+    n_ctx = min(n_ctx, max(tokens, 16))
+    key = f"{models.sha256_file(model_path)[:16]}-{_recipe_key(n_ctx)}"
+    dst = models.cache_dir() / "calibrated" / f"{stem}-{key}-{tokens}.calib.gguf"
     if dst.is_file() and gguf_io.has_prefix(dst, "triattention."):
         return dst
     if progress:
         print(f"pytriatt: calibrating {model_path.name} on {tokens} tokens (once; cached as {dst}; "
               f"--calib-tokens sets how many)", file=sys.stderr)
-    cal, _ = calibrate(model_path, max_tokens=tokens, n_ctx=min(n_ctx, max(tokens, 16)), n_gpu_layers=n_gpu_layers,
-                       progress=progress)
+    cal, _ = calibrate(model_path, max_tokens=tokens, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, progress=progress)
     return write_sidecar(model_path, cal, dst)
 
 

@@ -157,6 +157,18 @@ def test_an_uncalibrated_model_gets_one_cached_statistics_only_calibration(tiny,
     assert rep["policies"]["tri"]["n_rounds_total"] > 0
 
 
+def test_a_cached_calibration_of_another_format_version_is_stale(tiny, tmp_path, monkeypatch):
+    from pytriatt import calibration
+    from pytriatt.calibrate import ensure_calibrated
+
+    monkeypatch.setenv("PYTRIATT_CACHE", str(tmp_path))
+    old = ensure_calibrated(tiny, tokens=256, progress=False)
+    # a pytriatt that writes (and reads) another version of the statistics calibrates anew
+    monkeypatch.setattr(calibration, "CALIB_VERSION", calibration.CALIB_VERSION + 1)
+    new = ensure_calibrated(tiny, tokens=256, progress=False)
+    assert new != old and gguf_io.read_header(new).get("triattention.version") == calibration.CALIB_VERSION
+
+
 def cli(*args):
     return subprocess.run([sys.executable, "-m", "pytriatt", "bench", *map(str, args)], capture_output=True,
                           text=True, timeout=300)

@@ -32,7 +32,8 @@ examples:
 
 tri needs a calibrated model: without triattention.* metadata (and without --calib) a
 calibration (--calib-tokens) is run once and cached as a statistics-only GGUF under
-$PYTRIATT_CACHE/calibrated, keyed by the model's sha256 (the cache run, serve and eval share).
+$PYTRIATT_CACHE/calibrated, keyed by the model's sha256, the size and the recipe (format
+version, text, versions: a stale one is never reused; the cache run, serve and eval share).
 """
 
 
