@@ -49,8 +49,8 @@ def scratch_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("build-cache")
 
 
-def test_a_patch_that_does_not_apply_names_the_patch_and_the_hunk(tmp_path, monkeypatch, capsys, real_sdist,
-                                                                  scratch_cache):
+def test_a_patch_that_does_not_apply_names_the_patch_and_the_hunk(tmp_path, monkeypatch, capsys, real_sdist):
+    scratch_cache = tmp_path / "cache"    # its own: the module's cache may hold a work tree already
     monkeypatch.setenv("PYTRIATT_BUILD_CACHE", str(scratch_cache))
     patches = tmp_path / "patches"
     shutil.copytree(REPO / "patches", patches)
