@@ -311,6 +311,7 @@ def test_two_contexts_evict_independently_in_two_threads(model):
             t.start()
         for t in threads:
             t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), f"repeat {rep}: a decoding thread still runs after 120 s"
         assert not errors, errors
         for k in range(2):
             assert len(together[k]) == len(alone[k])
