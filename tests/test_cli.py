@@ -107,8 +107,8 @@ def test_import_works_without_llama_cpp_python():
     assert r.returncode == 0 and r.stdout.strip() == pytriatt.__version__, r.stderr
 
 
-def test_the_readme_commands_are_the_ones_ci_runs():
-    sys.path.insert(0, str(REPO / "tools"))
+def test_the_readme_commands_are_the_ones_ci_runs(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
     from readme_command import readme_command
 
     assert "readme_command.py test" in (REPO / ".ci" / "run").read_text()
