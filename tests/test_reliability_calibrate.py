@@ -22,9 +22,9 @@ def sha(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
-def wait_for(proc, marker: str, timeout: float = 120.0) -> list:
+def wait_for(proc, marker: str, timeout: float = 120.0):
     """Collect the child's stderr (in a thread) until a chunk contains marker; returns the chunks list,
-    which keeps filling until the child ends."""
+    which keeps filling until the child ends, and that thread (once joined, the list holds everything)."""
     chunks: list = []
 
     def pump():
@@ -34,17 +34,20 @@ def wait_for(proc, marker: str, timeout: float = 120.0) -> list:
                 return
             chunks.append(b.decode("utf-8", "replace"))
 
-    threading.Thread(target=pump, daemon=True).start()
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
     t0 = time.time()
     while marker not in "".join(chunks):
         if proc.poll() is not None:
-            time.sleep(0.1)
+            reader.join(timeout=30)
+            if marker in "".join(chunks):
+                break
             raise AssertionError(f"the process ended (status {proc.returncode}) before {marker!r}:\n"
                                  f"{''.join(chunks)[-2000:]}")
         if time.time() - t0 > timeout:
             raise AssertionError(f"no {marker!r} after {timeout} s:\n{''.join(chunks)[-2000:]}")
         time.sleep(0.02)
-    return chunks
+    return chunks, reader
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +72,13 @@ def test_killed_while_decoding_leaves_nothing(model, tmp_path, sig):
                              "--tokens", "200000", "--ctx", "256", "-t", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        chunks = wait_for(proc, "calibrating [")
+        chunks, reader = wait_for(proc, "calibrating [")
         time.sleep(0.3)
         assert proc.poll() is None, "calibration finished before it could be interrupted"
         proc.send_signal(sig)
         proc.wait(timeout=60)
-        time.sleep(0.2)
+        reader.join(timeout=30)      # everything it wrote before it ended
+        assert not reader.is_alive(), "its stderr stayed open after it ended"
         err = "".join(chunks)
     finally:
         if proc.poll() is None:
@@ -88,22 +92,19 @@ def test_killed_while_decoding_leaves_nothing(model, tmp_path, sig):
     assert sha(src) == before
 
 
-SLOW_WRITER = textwrap.dedent("""
+STUCK_WRITER = textwrap.dedent("""
     import sys, time
     from pytriatt import gguf_io
     from pytriatt.core import Calibration
     src, dst, named = sys.argv[1], sys.argv[2], sys.argv[3] == "named"
     gguf_io._USE_O_TMPFILE = not named
     real = gguf_io._copy_data
-    def slow(fsrc, fdst, offset, length, chunk=None):
+    def stuck(fsrc, fdst, offset, length, chunk=None):
+        real(fsrc, fdst, offset, min(65536, length))   # the first 64 KiB, then it waits for the kill
+        fdst.flush()
         sys.stderr.write("writing\\n"); sys.stderr.flush()
-        left, pos = length, offset
-        while left > 0:               # 64 KiB at a time, slowly: the kill lands mid-copy
-            n = min(65536, left)
-            real(fsrc, fdst, pos, n)
-            pos += n; left -= n
-            time.sleep(0.05)
-    gguf_io._copy_data = slow
+        time.sleep(600)
+    gguf_io._copy_data = stuck
     gguf_io.write_with_metadata(src, dst, {"triattention.calib_source": "x"})
     sys.stderr.write("done\\n")
 """)
@@ -117,11 +118,10 @@ def test_killed_while_writing_the_copy_leaves_no_output(model, tmp_path, how):
     src.write_bytes(model.read_bytes())
     before = sha(src)
     out = work / "out.tri.gguf"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(src), str(out), how],
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_WRITER, str(src), str(out), how],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for(proc, "writing")
-        time.sleep(0.25)
         assert proc.poll() is None
         proc.kill()
         proc.wait(timeout=30)
