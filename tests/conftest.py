@@ -5,10 +5,28 @@ means something else by `tiny` defines its own."""
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 
 TINY_ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
+
+# settings a shell may have exported that change what the code under test prints or does: llama.cpp's
+# LLAMA_ARG_* (its programs' flags), pytriatt's verbose log and forced code paths. PYTRIATT_N_GPU_LAYERS
+# is kept: it is the documented way to run the suite offloaded on a GPU (README, tools/device_check.sh).
+CLEARED_ENV = ("PYTRIATT_VERBOSE", "PYTRIATT_SCORE_BACKEND", "PYTRIATT_MOVE_STAGED", "PYTRIATT_MOVE_BACKEND")
+CLEARED_ENV_PREFIXES = ("LLAMA_ARG_",)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_settings_from_the_shell():
+    """Every test runs as if none of CLEARED_ENV / LLAMA_ARG_* were set (a test that wants one sets it
+    with monkeypatch). Session-wide, so servers started by module fixtures do not inherit them either."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in list(os.environ):
+            if name in CLEARED_ENV or name.startswith(CLEARED_ENV_PREFIXES):
+                mp.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")
