@@ -171,7 +171,8 @@ def test_the_readme_python_example_runs_as_written_and_its_comments_are_true(cal
     check = (f"\nassert (llm.n_ctx(), llm.kv_cells) == tuple({claimed_sizes}), (llm.n_ctx(), llm.kv_cells)"
              f"\nst = llm.kv_stats()\nmissing = [k for k in {claimed_keys} if k not in st]"
              f"\nassert not missing, missing"
-             # the example's story runs past budget + interval, so the cache was evicted
+             # the example's (seeded) story runs past budget + interval, so the cache was evicted; unseeded,
+             # 4 of 11 stories tried ended before 640 tokens
              f"\nassert llm.n_tokens > 512 + 128 and st['n_rounds_total'] > 0, (llm.n_tokens, st)\n")
     r = subprocess.run([sys.executable, "-c", block + check], cwd=workdir, capture_output=True, text=True,
                        timeout=900)
