@@ -12,7 +12,39 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <string>
 #include <utility>
+
+// whether a value can be quoted in a one-line message: valid UTF-8 without control characters (C0, DEL,
+// C1); a corrupt file's bytes would break the line or the terminal. pytriatt.gguf_io.printable is the
+// same test on the decoded text (an undecodable byte reads as U+FFFD there).
+static bool triatt_printable(const std::string & s) {
+    for (size_t i = 0; i < s.size(); ) {
+        const unsigned char c = (unsigned char) s[i];
+        const size_t n = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 0;
+        if (n == 0 || i + n > s.size()) {
+            return false;
+        }
+        uint32_t cp = n == 1 ? c : c & (0x7F >> n);
+        for (size_t j = 1; j < n; ++j) {
+            const unsigned char cc = (unsigned char) s[i + j];
+            if ((cc & 0xC0) != 0x80) {
+                return false;
+            }
+            cp = (cp << 6) | (cc & 0x3F);
+        }
+        if (cp < 0x20 || (cp >= 0x7F && cp <= 0x9F) || cp == 0xFFFD) {
+            return false;
+        }
+        i += n;
+    }
+    return true;
+}
+
+static std::string triatt_shown(const std::string & s) {
+    return triatt_printable(s) ? "'" + s.substr(0, 64) + "'" : std::string("(unprintable bytes)");
+}
 
 // the calibration must belong to this model: a copy of it (pytriatt calibrate writes the model with the
 // statistics added) carries the same architecture hyper-parameters ({arch}.*, general.architecture/name)
@@ -40,8 +72,8 @@ static bool triatt_check_same_model(gguf_context * g, const char * path, const l
         const int64_t id = gguf_find_key(g, key);
         const std::string theirs = id >= 0 ? gguf_kv_to_str(g, (int) id) : std::string("(absent)");
         if (theirs.substr(0, sizeof(val) - 1) != val) {
-            err = std::string(path) + " holds statistics of another model (" + k + " '" + theirs.substr(0, 64) +
-                  "', this model: '" + std::string(val).substr(0, 64) + "'): calibrate this model";
+            err = std::string(path) + " holds statistics of another model (" + k + " " + triatt_shown(theirs) +
+                  ", this model: " + triatt_shown(val) + "): calibrate this model";
             return false;
         }
     }

@@ -104,6 +104,12 @@ def _cut(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")[:_META_BYTES]
 
 
+def _shown(s: str) -> str:
+    """A value quoted for a message (its first 64 characters), or said to be unprintable: a corrupt file's
+    bytes would break the line or the terminal."""
+    return f"'{s[:64]}'" if gguf_io.printable(s) else "(unprintable bytes)"
+
+
 def calibration_mismatch(calib, model) -> Optional[str]:
     """Why the statistics in `calib` do not belong to `model` (None: they do), by the rule above.
     Both are paths or ModelMeta."""
@@ -120,8 +126,8 @@ def calibration_mismatch(calib, model) -> Optional[str]:
         theirs = c.field(key)
         theirs_s = kv_to_str(theirs) if theirs is not None else "(absent)"
         if _cut(theirs_s) != _cut(kv_to_str(f)):
-            return (f"{c.path} holds statistics of another model ({key} '{theirs_s[:64]}', this model: "
-                    f"'{kv_to_str(f)[:64]}'): calibrate this model")
+            return (f"{c.path} holds statistics of another model ({key} {_shown(theirs_s)}, this model: "
+                    f"{_shown(kv_to_str(f))}): calibrate this model")
     tokens = c.field("tokenizer.ggml.tokens")
     if full_copy and tokens is not None:
         mt = m.field("tokenizer.ggml.tokens")

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
-__all__ = ["GGUFHeader", "KeyValue", "TensorInfo", "read_header", "write_with_metadata", "encode_value",
+__all__ = ["GGUFHeader", "KeyValue", "printable", "TensorInfo", "read_header", "write_with_metadata", "encode_value",
            "DEFAULT_ALIGNMENT", "COPY_CHUNK", "type_name", "ggml_type_name", "read_string_array_bytes"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -83,6 +83,13 @@ _FIXED_TYPES: Dict[str, Tuple[int, Optional[int]]] = {
 # ---------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------
+
+
+def printable(s: str) -> bool:
+    """No control character (C0, DEL, C1) and no undecodable byte (read as U+FFFD): a metadata value that
+    can be quoted in a one-line message. cpp/llama-triatt-calib.cpp (triatt_printable) applies the same
+    test to the bytes."""
+    return not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F or c == "\ufffd" for c in s)
 
 
 @dataclasses.dataclass

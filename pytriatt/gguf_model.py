@@ -100,6 +100,9 @@ class ModelMeta:
         arch = self.scalar("general.architecture")
         if not arch:
             raise CalibrationError("GGUF file has no general.architecture")
+        if not gguf_io.printable(str(arch)):
+            # every {arch}.* key a message names is built from it
+            raise CalibrationError("general.architecture holds unprintable bytes: the file is malformed")
         return str(arch)
 
     def tensor_f32(self, name: str) -> Optional[np.ndarray]:

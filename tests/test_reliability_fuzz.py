@@ -1,18 +1,15 @@
 """Fuzzing the readers of TriAttention calibration metadata (tools/fuzz_calib.py): the regression
-corpus replays cleanly, and a bounded coverage-guided run (atheris/libFuzzer) finds nothing.
+corpus replays cleanly, and a fixed, generated set of mutated inputs finds nothing.
 
-The bounded run is PYTRIATT_FUZZ_RUNS (default 30,000) executions from seed 1 (about a minute at
-500-600 executions/s; PYTRIATT_FUZZ_SECONDS, default 300, caps its time). A fixed number of runs
-from a fixed seed repeats most of what ran before, though not all: two runs here agree on their
-first ~700 executions and then drift by a few executions (libFuzzer's own bookkeeping), so CI may
-still meet an input nobody ran. Searching for new bugs is the long run of docs/RELIABILITY.md
-(other seeds, minutes to hours)."""
+Every machine runs exactly the same inputs (the test prints their number and the sha256 of the set),
+so the outcome does not depend on chance: a coverage-guided run (libFuzzer) explores differently on
+every machine and every run, which is why it is not a test. Searching for new bugs is that
+open-ended run, described in docs/RELIABILITY.md; what it finds joins tests/fuzz/regressions."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +21,10 @@ TOOL = ROOT / "tools" / "fuzz_calib.py"
 REGRESSIONS = ROOT / "tests" / "fuzz" / "regressions"
 
 
-def run_tool(*args, timeout):
+def run_tool(*args, timeout, env_hash_seed=None):
+    env = dict(os.environ, PYTHONHASHSEED=env_hash_seed) if env_hash_seed else None
     return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=env)
 
 
 def test_every_saved_crash_input_now_gives_a_clean_error():
@@ -58,30 +56,23 @@ def test_seed_corpus_is_valid_calibrations_of_the_tiny_model(tmp_path):
     assert summary["cpp_accepted"] >= 5 and summary["cpp_rounds"] > 0
 
 
-def test_bounded_fuzzing_run_finds_nothing(tmp_path):
-    pytest.importorskip("atheris", reason="atheris (pip install atheris) runs the fuzzer")
-    n_runs = int(os.environ.get("PYTRIATT_FUZZ_RUNS", "30000"))
-    seconds = int(os.environ.get("PYTRIATT_FUZZ_SECONDS", "300"))
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    res = run_tool("--disagree-dir", tmp_path / "disagree", "--stats-file", tmp_path / "stats.json", corpus,
-                   f"-runs={n_runs}", f"-max_total_time={seconds}", "-seed=1", f"-artifact_prefix={tmp_path}/",
-                   "-print_final_stats=1", timeout=seconds + 240)
-    out = res.stdout + res.stderr
-    crashes = [p.name for p in tmp_path.iterdir() if p.name.startswith(("crash-", "timeout-", "oom-", "leak-"))]
-    if res.returncode != 0 or crashes:
-        # the target's own report (a Python traceback) comes before libFuzzer's progress lines;
-        # the input itself, base64, so a CI log alone is enough to add it to the regressions
+def test_a_fixed_set_of_mutated_inputs_finds_nothing(tmp_path):
+    # the same PYTRIATT_FUZZ_INPUTS (default 30,000) mutants of the seed corpus on every machine: no
+    # coverage feedback, so no drift; the open-ended search is tools/fuzz_calib.py itself (RELIABILITY.md)
+    n = int(os.environ.get("PYTRIATT_FUZZ_INPUTS", "30000"))
+    res = run_tool("--fixed", n, "--artifact-dir", tmp_path / "found", "--disagree-dir", tmp_path / "disagree",
+                   timeout=1200)
+    found = sorted((tmp_path / "found").glob("*.gguf")) if (tmp_path / "found").exists() else []
+    if res.returncode != 0 or found:
         import base64
-        report = "\n".join(line for line in out.splitlines()
-                           if not re.match(r"#\d+\s+(NEW|REDUCE|pulse|INITED|RELOAD)", line))
-        inputs = "\n".join(f"{name}: {base64.b64encode((tmp_path / name).read_bytes()).decode()[:40000]}"
-                           for name in crashes)
-        pytest.fail(f"the fuzzer found {crashes}: add them to {REGRESSIONS}\n{report[-6000:]}\n{inputs}")
-    runs = int(re.findall(r"Done (\d+) runs", out)[-1])
-    cov = [int(x) for x in re.findall(r"cov: (\d+)", out)]
-    stats = json.loads((tmp_path / "stats.json").read_text()) if (tmp_path / "stats.json").exists() else {}
-    print(f"fuzz: {runs} executions (seed 1), coverage {cov[0]} -> {cov[-1]} edges, "
-          f"corpus {len(list(corpus.iterdir()))} inputs, target counters {stats}")
-    assert runs >= min(n_runs, 20 * seconds)    # all of them, unless the target got far slower than 20/s
-    assert cov[-1] > cov[0]          # the mutations reached code the seeds did not
+        inputs = "\n".join(f"{p.name}: {base64.b64encode(p.read_bytes()).decode()[:40000]}" for p in found)
+        pytest.fail(f"the fixed fuzz set found {[p.name for p in found]}: add them to {REGRESSIONS}\n"
+                    f"{res.stderr[-6000:]}\n{inputs}")
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    print(f"fuzz: {summary['inputs']} fixed inputs (seed {summary['seed']}, sha256 {summary['sha256'][:16]}), "
+          f"target counters {summary}")
+    assert summary["inputs"] == summary["execs"] == n and summary["failed"] == 0
+    # the set is what every machine runs: another process, another hash seed, the same inputs
+    again = run_tool("--fixed", n, "--fixed-hash-only", timeout=600, env_hash_seed="7")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["sha256"] == summary["sha256"]

@@ -184,7 +184,9 @@ def _rand_scalar(r: random.Random, old):
     t = r.choice([g.T_UINT32, g.T_INT32, g.T_UINT64, g.T_INT64, g.T_FLOAT32, g.T_FLOAT64, g.T_STRING, g.T_BOOL,
                   g.T_UINT8, g.T_INT16])
     if t == g.T_STRING:
-        return t, None, r.choice(["", "llama", "tiny", "x" * r.randint(1, 300), "\udcff"]) if r.random() < 0.8 \
+        # control characters too: a message that quotes the value must not break its line or the terminal
+        return t, None, r.choice(["", "llama", "tiny", "x" * r.randint(1, 300), "\udcff", "two\nlines", "\x1b[2J",
+                                  "nul\x00"]) if r.random() < 0.8 \
             else bytes(r.randrange(256) for _ in range(r.randint(1, 8)))
     if t in (g.T_FLOAT32, g.T_FLOAT64):
         return t, None, r.choice(_FLOATS + [float(old) if isinstance(old, (int, float)) else 0.0])
@@ -279,6 +281,47 @@ def structured_mutate(data: bytes, r: random.Random):
         return rebuild(data, hdr, items)
     except (ValueError, OverflowError, TypeError):
         return None
+
+
+def byte_mutate(data: bytes, r: random.Random) -> bytes:
+    """One byte-level change (libFuzzer's kinds, drawn from r): a flipped bit, an interesting byte or
+    little-endian integer written over, a range erased, duplicated or cut off."""
+    b = bytearray(data)
+    if not b:
+        return bytes(r.randrange(256) for _ in range(r.randint(1, 16)))
+    i = r.randrange(len(b))
+    op = r.randrange(6)
+    if op == 0:
+        b[i] ^= 1 << r.randrange(8)
+    elif op == 1:
+        b[i] = r.choice([0, 1, 0x7F, 0x80, 0xFF, r.randrange(256)])
+    elif op == 2:
+        v = r.choice(_INTS) % (1 << 64)
+        w = r.choice([2, 4, 8])
+        b[i:i + w] = (v % (1 << (8 * w))).to_bytes(w, "little")
+    elif op == 3:
+        del b[i:i + r.randint(1, 16)]
+    elif op == 4:
+        n = r.randint(1, 16)
+        b[i:i] = b[i:i + n]
+    else:
+        del b[i:]
+    return bytes(b)
+
+
+def fixed_mutants(seeds, n: int, seed: int):
+    """n inputs, the same on every machine: each is a seed (or an earlier mutant) changed 1-3 times,
+    structurally (structured_mutate) or byte-wise, with random.Random(f"{seed}:{i}")."""
+    pool = [Path(p).read_bytes() for p in sorted(seeds, key=lambda p: Path(p).name)]
+    out = []
+    for i in range(n):
+        r = random.Random(f"{seed}:{i}")
+        data = r.choice(out) if out and r.random() < 0.3 else r.choice(pool)
+        for _ in range(r.randint(1, 3)):
+            m = structured_mutate(data, r) if r.random() < 0.5 else None
+            data = m if m is not None else byte_mutate(data, r)
+        out.append(data[:65536])
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -500,6 +543,30 @@ def replay(paths, target: Target) -> int:
     return bad
 
 
+def run_fixed(target: Target, n: int, seed: int, seeds_dir: Path, artifact_dir=None, run: bool = True) -> int:
+    """Generate fixed_mutants from the deterministic seeds and run them; prints one JSON summary line
+    (how many inputs, the sha256 of the set, failures, the target's counters); returns the failures."""
+    import hashlib
+    seeds = [p for p in make_seeds(seeds_dir, target.model_path) if p.name != "seed-real-calibrated.gguf"]
+    inputs = fixed_mutants(seeds, n, seed)
+    h = hashlib.sha256()
+    for data in inputs:
+        h.update(hashlib.sha256(data).digest())
+    bad = 0
+    for data in inputs if run else []:
+        try:
+            target(data)
+        except Bug as e:
+            bad += 1
+            name = "crash-" + hashlib.sha1(data).hexdigest() + ".gguf"
+            if artifact_dir:
+                Path(artifact_dir).mkdir(parents=True, exist_ok=True)
+                (Path(artifact_dir) / name).write_bytes(data)
+            print(f"FAIL {name}: {e}", file=sys.stderr)
+    print(json.dumps({"inputs": len(inputs), "seed": seed, "sha256": h.hexdigest(), "failed": bad, **target.stats}))
+    return bad
+
+
 def instrument_modules(atheris, prefixes) -> int:
     """Instrument (for coverage) every Python function of the loaded modules under prefixes.
 
@@ -544,6 +611,11 @@ def main(argv=None) -> int:
     ap.add_argument("--stats-file", help="write the target's counters here (JSON, every 100 inputs)")
     ap.add_argument("--make-seeds", metavar="DIR", help="write the seed corpus to DIR and exit")
     ap.add_argument("--replay", nargs="+", metavar="PATH", help="run saved inputs (files or directories) and exit")
+    ap.add_argument("--fixed", type=int, metavar="N",
+                    help="run N generated mutants, the same on every machine (no atheris needed), and exit")
+    ap.add_argument("--fixed-seed", type=int, default=1, help="the seed of --fixed's mutants (default 1)")
+    ap.add_argument("--fixed-hash-only", action="store_true", help="with --fixed: only print the set's size and hash")
+    ap.add_argument("--artifact-dir", help="with --fixed: save failing inputs here")
     ap.add_argument("--structured", type=float, default=0.5,
                     help="share of mutations done by the structure-aware mutator (default 0.5)")
     args, fuzzer_args = ap.parse_known_args(argv[1:])
@@ -553,10 +625,14 @@ def main(argv=None) -> int:
         for p in make_seeds(args.make_seeds, model, None if args.no_llama else real_calibrated(model)):
             print(p)
         return 0
-    target = Target(use_llama=not args.no_llama, disagree_dir=args.disagree_dir, model_path=model,
+    target = Target(use_llama=not (args.no_llama or args.fixed_hash_only), disagree_dir=args.disagree_dir, model_path=model,
                     stats_file=args.stats_file)
     if args.replay:
         return 1 if replay(args.replay, target) else 0
+    if args.fixed is not None:
+        seeds_dir = _own_tempdir("pytriatt-fuzzseeds-")
+        return 1 if run_fixed(target, args.fixed, args.fixed_seed, seeds_dir, args.artifact_dir,
+                              run=not args.fixed_hash_only) else 0
 
     import atheris
 
@@ -593,7 +669,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if not any(a in sys.argv for a in ("--replay", "--make-seeds", "-h", "--help")):
+    if not any(a in sys.argv for a in ("--replay", "--make-seeds", "--fixed", "-h", "--help")):
         import atheris
         # coverage of pytriatt's and gguf's Python code: pytriatt may be installed in editable
         # mode (a custom import loader that atheris's import hook does not see through), so the
