@@ -29,6 +29,23 @@ def no_settings_from_the_shell():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def a_cache_of_the_sessions_own(tmp_path_factory):
+    """$PYTRIATT_CACHE is a directory of this session's, so what earlier runs left in the user's cache
+    (calibrations made on the fly by --calibrate, the fuzz target's models) cannot decide a test; it costs
+    one on-the-fly calibration of smollm2-135m per session (~45 s on 2 cores). The downloaded models are
+    shared: its models/ links to the user's (fetched once, checked by sha256)."""
+    from pytriatt import models
+
+    user_models = models.cache_dir() / "models"
+    user_models.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("pytriatt-cache")
+    (cache / "models").symlink_to(user_models, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTRIATT_CACHE", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """tiny_gguf(arch, **kw) -> path of a tiny random-weight GGUF (cached for the session)."""
