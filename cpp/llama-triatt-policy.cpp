@@ -64,8 +64,13 @@ static const char * triatt_policy_name(llama_kv_policy_type type) {
     return "?";
 }
 
-bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p) {
-    params = p;
+bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p_in) {
+    if (p_in.n_window < -1 || p_in.horizon < -1 || p_in.horizon == 0) {
+        error = "KV policy: window must be >= 0 and horizon >= 1 (-1 for either: the default rule)";
+        return false;
+    }
+    params = llama_kv_policy_resolve(&p_in);
+    const llama_kv_policy_params & p = params;
     if (p.type == LLAMA_KV_POLICY_FULL) {
         return true;
     }
@@ -410,13 +415,26 @@ bool llama_kv_policy_before_batch(llama_kv_policy & policy, llama_context & ctx,
 // C API
 //
 
+struct llama_kv_policy_params llama_kv_policy_resolve(const struct llama_kv_policy_params * params) {
+    llama_kv_policy_params p = *params;
+    if (p.n_window < 0) {
+        // the rule is tri's (it answers the long-horizon ranking's blind spot); the baselines keep their
+        // published form: the newest token only
+        p.n_window = p.type == LLAMA_KV_POLICY_TRI ? (int32_t) triatt_default_window(p.budget, p.n_sink, p.interval) : 1;
+    }
+    if (p.horizon < 0) {
+        p.horizon = (int32_t) triatt_default_horizon(p.budget, p.interval);
+    }
+    return p;
+}
+
 struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     llama_kv_policy_params p = {};
     p.type           = LLAMA_KV_POLICY_FULL;
     p.budget         = 2048;
     p.interval       = 128;
     p.n_sink         = 4;    // the default of llama.cpp's --kv-sink, Llama(kv_sink=) and pytriatt
-    p.n_window       = 1;
+    p.n_window       = -1;   // the default rule (llama_kv_policy_resolve)
     p.protect_prompt = false;
     p.shift          = false;
     p.kv_agg_mean    = false;
@@ -425,6 +443,7 @@ struct llama_kv_policy_params llama_kv_policy_default_params(void) {
     p.snap_window    = 32;
     p.calib_path     = nullptr;
     p.granularity    = LLAMA_KV_POLICY_SHARED;
+    p.horizon        = -1;   // the default rule (llama_kv_policy_resolve)
     return p;
 }
 

@@ -24,6 +24,7 @@ struct llama_kv_scorer_tri : llama_kv_scorer {
     triatt_score_shape shape;
     triatt_calib       calib;
     int32_t            n_threads = 0; // 0: the context's
+    int64_t            horizon   = TRIATT_DEFAULT_OFFSETS_MAX; // the farthest future distance the scores average over
 
     triatt_scorer   * scorer = nullptr;
     triatt_key_rows   keys;
@@ -48,7 +49,8 @@ struct llama_kv_scorer_tri : llama_kv_scorer {
                      std::string & err) {
         const int32_t n_head = shape.n_head;
         triatt_score_params sp;
-        sp.n_threads = n_threads > 0 ? n_threads : (int32_t) ctx.n_threads();
+        sp.n_threads   = n_threads > 0 ? n_threads : (int32_t) ctx.n_threads();
+        sp.offsets_max = horizon;
         cell_scores.resize(shape.layers.size() * (size_t) n_cells * n_head);
         for (size_t li = 0; li < shape.layers.size(); ++li) {
             const int32_t il = shape.layers[li];
@@ -113,6 +115,7 @@ llama_kv_scorer_ptr triatt_scorer_tri_init(llama_context & ctx, const llama_kv_p
     auto sc = std::make_unique<llama_kv_scorer_tri>();
     sc->shape     = shape;
     sc->n_threads = p.n_threads;
+    sc->horizon   = p.horizon;   // resolved: the policy passes its resolved parameters
     if (!triatt_calib_load(ctx, p.calib_path, shape.layers, sc->calib, err)) {
         return nullptr;
     }

@@ -266,6 +266,11 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("n_ctx_orig", &triatt_rope_layer::n_ctx_orig)
         .def_readwrite("freq_factors", &triatt_rope_layer::freq_factors);
 
+    m.def("default_window", &triatt_default_window, py::arg("budget"), py::arg("sink"), py::arg("interval"),
+          "The recent window a tri round protects by default (triatt_default_window).");
+    m.def("default_horizon", &triatt_default_horizon, py::arg("budget"), py::arg("interval"),
+          "The horizon (largest future distance) tri scores with by default (triatt_default_horizon).");
+
     m.def("kernel_name", &triatt_kernel_name, "The scoring kernel in use: 'avx2' or 'generic'.");
     m.def("force_generic_kernel", &triatt_force_generic_kernel, py::arg("force"),
           "Force the portable kernel (tests, benchmarks); returns the previous setting.");

@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from . import _llama
-from .policy import DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES, KV_CACHE_TYPES, c_params, granularity  # noqa: F401  (GRANULARITIES, granularity: public here before)
+from .policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES, KV_CACHE_TYPES, c_params, granularity  # noqa: F401  (GRANULARITIES, granularity: public here before)
 
 _backend_ready = False
 
@@ -155,10 +155,12 @@ class Context:
                       sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW, protect_prompt: bool = False,
                       kv_agg: str = "max", seed: int = 0,
                       calib: Optional[str | os.PathLike] = None, n_threads: int = 0, shift: bool = False,
-                      snap_window: int = 32, per_head: Union[bool, str] = False) -> None:
+                      snap_window: int = 32, per_head: Union[bool, str] = False,
+                      horizon: int = DEFAULT_HORIZON) -> None:
         """Attach an eviction policy ("full", "tri", "streaming", "random", "snapkv") run inside llama_decode.
 
         tri needs `calib`: a GGUF carrying this model's statistics (default: the model file itself).
+        window / horizon: -1 (default) for libllama's rules (pytriatt.policy.resolved_window/_horizon).
         shift: after each round move the kept tokens down to contiguous positions (decode() with
         pos0=None continues from the new end); default: they keep their positions.
         per_head (tri, snapkv): True or "head": every KV head keeps its own tokens (one set per KV head,
@@ -171,7 +173,7 @@ class Context:
             p = c_params(lc, policy, budget, interval=interval, sink=sink, window=window,
                          protect_prompt=protect_prompt, per_head=per_head, shift=shift,
                          calib=calib if calib is not None else self.model.path, seed=seed,
-                         n_threads=n_threads, kv_agg=kv_agg, snap_window=snap_window)
+                         n_threads=n_threads, kv_agg=kv_agg, snap_window=snap_window, horizon=horizon)
         if lc.llama_set_kv_policy(self.ctx_ptr, ctypes.byref(p)) != 0:
             raise ValueError(lc.llama_kv_policy_last_error().decode())
 

@@ -20,7 +20,13 @@ PER_HEAD_POLICIES = ("tri", "snapkv")     # the policies that rank tokens, so ca
 
 DEFAULT_INTERVAL = 128
 DEFAULT_SINK = 4
-DEFAULT_WINDOW = 1
+# -1: the default rules of libllama's llama_kv_policy_resolve, whose values pytriatt._core computes
+# (triatt_default_window / triatt_default_horizon; resolved_window / resolved_horizon below)
+DEFAULT_WINDOW = -1
+DEFAULT_HORIZON = -1
+PAPER_HORIZON = 65536    # the TriAttention paper's D = {1, 2, 4, ..., 2^16}
+# named settings of a policy (`pytriatt eval --policies tri/paper`): the paper's exact protections
+PRESETS = {"paper": dict(window=1, horizon=PAPER_HORIZON)}
 
 # llama_kv_policy_params.granularity: what per_head= / kv_per_head= / --per-head / tri@... accept
 GRANULARITIES = {"shared": 0, "head": 1, "layer": 2}
@@ -60,9 +66,27 @@ def cells_needed_swa(lc, model_ptr, n_ubatch: int, n_seq: int = 1) -> int:
     return int(lc.llama_kv_policy_n_cells_swa(model_ptr, ctypes.byref(p)))
 
 
+def resolved_window(policy: str, budget: int, sink: int = DEFAULT_SINK, interval: int = DEFAULT_INTERVAL,
+                    window: int = DEFAULT_WINDOW) -> int:
+    """The recent window a policy protects: window itself, or for -1 the rule (tri: min(interval,
+    (budget - sink) / 2), at least 1; the other policies: 1), computed by the C++ core as libllama does."""
+    if window >= 0:
+        return window
+    from . import _core
+    return int(_core.default_window(budget, sink, interval)) if policy == "tri" else 1
+
+
+def resolved_horizon(budget: int, interval: int = DEFAULT_INTERVAL, horizon: int = DEFAULT_HORIZON) -> int:
+    """The largest future distance tri scores for: horizon itself, or for -1 the rule of the C++ core."""
+    if horizon >= 1:
+        return horizon
+    from . import _core
+    return int(_core.default_horizon(budget, interval))
+
+
 def validate(policy: str, budget: Optional[int], *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
              window: int = DEFAULT_WINDOW, per_head: Union[bool, str, None] = None, shift: bool = False,
-             flag: str = "--") -> None:
+             flag: str = "--", horizon: int = DEFAULT_HORIZON) -> None:
     """Refuse, with what to do, the option combinations that cannot mean what was asked.
     flag: how options are spelled in messages ("--" for the command line, "" for keyword arguments)."""
     def opt(name: str) -> str:
@@ -79,11 +103,15 @@ def validate(policy: str, budget: Optional[int], *, interval: int = DEFAULT_INTE
     for name, value in (("budget", budget), ("interval", interval)):
         if value < 1:
             raise UserError(f"{opt(name)} {value} is out of range: it must be at least 1")
-    for name, value in (("sink", sink), ("window", window)):
-        if value < 0:
-            raise UserError(f"{opt(name)} {value} is out of range: it must be at least 0")
-    if sink + max(window, 1) > budget:
-        raise UserError(f"{opt('sink')} {sink} + {opt('window')} {max(window, 1)} exceed {opt('budget')} {budget}: "
+    if sink < 0:
+        raise UserError(f"{opt('sink')} {sink} is out of range: it must be at least 0")
+    if window < -1:
+        raise UserError(f"{opt('window')} {window} is out of range: it must be at least 0 (-1: the default rule)")
+    if horizon < -1 or horizon == 0:
+        raise UserError(f"{opt('horizon')} {horizon} is out of range: it must be at least 1 (-1: the default rule)")
+    w = max(resolved_window(policy, budget, sink, interval, window), 1)
+    if sink + w > budget:
+        raise UserError(f"{opt('sink')} {sink} + {opt('window')} {w} exceed {opt('budget')} {budget}: "
                         f"the protected tokens must fit in the budget")
     if per_head not in (None, False, "shared"):
         granularity(per_head)
@@ -98,9 +126,10 @@ def validate(policy: str, budget: Optional[int], *, interval: int = DEFAULT_INTE
 def c_params(lc, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
              window: int = DEFAULT_WINDOW, protect_prompt: bool = False, per_head: Union[bool, str, None] = None,
              shift: bool = False, calib: Union[str, os.PathLike, None] = None, seed: int = 0, n_threads: int = 0,
-             kv_agg: str = "max", snap_window: Optional[int] = None):
+             kv_agg: str = "max", snap_window: Optional[int] = None, horizon: int = DEFAULT_HORIZON):
     """llama_kv_policy_params for an evicting policy (the struct keeps the calibration path's bytes alive)."""
-    validate(policy, budget, interval=interval, sink=sink, window=window, per_head=per_head, shift=shift, flag="")
+    validate(policy, budget, interval=interval, sink=sink, window=window, per_head=per_head, shift=shift, flag="",
+             horizon=horizon)
     if policy == "full":
         raise UserError("policy full has no parameters: detach the policy instead")
     types = {"tri": lc.LLAMA_KV_POLICY_TRI, "streaming": lc.LLAMA_KV_POLICY_STREAMING,
@@ -112,6 +141,7 @@ def c_params(lc, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, 
     p.n_sink, p.n_window, p.protect_prompt = int(sink), int(window), bool(protect_prompt)
     p.kv_agg_mean, p.seed, p.n_threads = kv_agg == "mean", seed & 0xFFFFFFFF, int(n_threads)
     p.shift = bool(shift)
+    p.horizon = int(horizon)
     p.granularity = granularity(per_head)
     if snap_window is not None:
         p.snap_window = int(snap_window)

@@ -71,12 +71,28 @@ class KVMonitor:
 
         llm.reset = reset_and_sample
 
+    def _resolved(self, what: str):
+        """The window / horizon the policy runs with (libllama's rules where the settings left them to it)."""
+        if self.policy == "full":
+            return None
+        from .policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, resolved_horizon,
+                             resolved_window)
+        kv = self.kv
+        budget, interval = kv.get("kv_budget"), kv.get("kv_interval") or DEFAULT_INTERVAL
+        if what == "window":
+            w = kv.get("kv_window")
+            return resolved_window(self.policy, budget, kv.get("kv_sink", DEFAULT_SINK), interval,
+                                   DEFAULT_WINDOW if w is None else w)
+        h = kv.get("kv_horizon")
+        return resolved_horizon(budget, interval, DEFAULT_HORIZON if h is None else h) if self.policy == "tri" else None
+
     def _sample(self) -> dict:
         llm = self.llm
         with self._lock:
             snap = {"model": self.alias, "policy": self.policy,
                     "budget": self.kv.get("kv_budget"), "interval": self.kv.get("kv_interval"),
-                    "sink": self.kv.get("kv_sink"), "window": self.kv.get("kv_window"),
+                    "sink": self.kv.get("kv_sink"), "window": self._resolved("window"),
+                    "horizon": self._resolved("horizon"),
                     "n_ctx": llm.n_ctx(), "n_cells": llm.kv_cells, "n_tokens": int(llm.n_tokens)}
             if self.policy != "full":
                 st = llm.kv_policy_stats(0)

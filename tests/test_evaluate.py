@@ -302,8 +302,18 @@ def test_unknown_policies_and_budgets_below_the_protected_tokens_are_refused(tin
         evaluate.evaluate(tiny, "nll", ["h2o"], [64], progress=False)
     with pytest.raises(EvalError, match="tri@head, tri@layer"):
         evaluate.evaluate(tiny, "nll", ["streaming@head"], [64], progress=False)
-    with pytest.raises(EvalError, match="exceed --sink"):
+    # libllama's rule (pytriatt.policy.validate): sink + window must fit in the budget
+    with pytest.raises(EvalError, match="policy streaming, budget 4: --sink 4 \\+ --window 1 exceed --budget 4"):
         evaluate.evaluate(tiny, "nll", ["streaming"], [4], progress=False)
+    with pytest.raises(EvalError, match="after '/' give a preset"):
+        evaluate.evaluate(tiny, "nll", ["tri/fast"], [64], progress=False)
+
+
+def test_policy_settings_name_a_preset_or_window_and_horizon():
+    from pytriatt.evaluation.common import policy_settings, split_policy
+    assert policy_settings("tri/paper") == {"window": 1, "horizon": 65536}
+    assert policy_settings("tri/w=32/h=1024@head") == {"window": 32, "horizon": 1024}
+    assert policy_settings("tri") == {} and split_policy("tri/paper@layer") == ("tri", "layer")
 
 
 def _cli(*args):

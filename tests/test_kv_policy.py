@@ -97,23 +97,28 @@ def _capture_keys():
     return cb, keys
 
 
+# (window, horizon): an explicit window; libllama's default rules (-1, -1); the paper's window with a short horizon
+@pytest.mark.parametrize("window,horizon", [(4, -1), (-1, -1), (1, 64)])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_tri_evicts_exactly_what_the_core_selects_from_the_cached_keys(calibrated, arch):
+def test_tri_evicts_exactly_what_the_core_selects_from_the_cached_keys(calibrated, arch, window, horizon):
     from pytriatt.core import Calibration, select
+    from pytriatt.policy import resolved_horizon, resolved_window
 
     path = calibrated(arch)
     cal = Calibration.from_gguf(path)
     cb, keys = _capture_keys()
     m = Model(path)
+    # the values the rules give, computed independently of libllama's resolution (the core's functions)
+    w, h = resolved_window("tri", BUDGET, 2, INTERVAL, window), resolved_horizon(BUDGET, INTERVAL, horizon)
     with Context(m, n_ctx=BUDGET + 64, n_batch=64, n_threads=1, cb_eval=cb, type_k="f32") as ctx:
-        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=2, window=4, n_threads=1)
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, sink=2, window=window, horizon=horizon, n_threads=1)
         held = np.zeros(0, np.int64)
         rounds = 0
         for step, n_in in enumerate([60, 3, 9, 1, 1, 1, 12, 2, 5] * 4):
             if held.size + n_in > BUDGET + INTERVAL and held.size > BUDGET:
                 t = int(held.max())
-                raw = [cal.score(l, np.stack([keys[l][p] for p in held]), held, t) for l in sorted(keys)]
-                held = select("tri", raw, held, t, BUDGET, sink=2, window=4, n_head_kv=cal.n_head_kv).astype(np.int64)
+                raw = [cal.score(l, np.stack([keys[l][p] for p in held]), held, t, offsets_max=h) for l in sorted(keys)]
+                held = select("tri", raw, held, t, BUDGET, sink=2, window=w, n_head_kv=cal.n_head_kv).astype(np.int64)
                 rounds += 1
             p0 = ctx.pos_max(0) + 1
             ctx.decode(_tokens(n_in, 100 + step), logits="none")

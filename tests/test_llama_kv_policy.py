@@ -131,9 +131,38 @@ def test_one_set_of_defaults_in_libllama_pytriatt_and_llama():
 
     p = llama_cpp.llama_kv_policy_default_params()
     kw = {k: v.default for k, v in inspect.signature(llama_cpp.Llama.__init__).parameters.items()}
-    assert (p.n_sink, p.interval, p.n_window) == (policy.DEFAULT_SINK, policy.DEFAULT_INTERVAL, policy.DEFAULT_WINDOW)
-    assert (kw["kv_sink"], kw["kv_interval"], kw["kv_window"], kw["kv_budget"]) == (p.n_sink, p.interval, p.n_window,
-                                                                                    p.budget)
+    assert (p.n_sink, p.interval, p.n_window, p.horizon) == (policy.DEFAULT_SINK, policy.DEFAULT_INTERVAL,
+                                                             policy.DEFAULT_WINDOW, policy.DEFAULT_HORIZON)
+    assert (kw["kv_sink"], kw["kv_interval"], kw["kv_budget"]) == (p.n_sink, p.interval, p.budget)
+    # window and horizon: None in Llama, i.e. whatever libllama's rules give
+    assert (kw["kv_window"], kw["kv_horizon"]) == (None, None)
+
+
+@pytest.mark.parametrize("policy_type,budget,sink,interval,window", [
+    ("tri", 64, 4, 128, 30),      # (64 - 4) / 2: half the budget past the sink stays the score's
+    ("tri", 256, 4, 128, 126),
+    ("tri", 1024, 4, 128, 128),   # an interval: what arrives before the next round re-scores the keys
+    ("tri", 1024, 4, 32, 32),
+    ("tri", 6, 4, 128, 1),        # at least the newest token
+    ("streaming", 256, 4, 128, 1), ("random", 256, 4, 128, 1), ("snapkv", 256, 4, 128, 1),
+])
+def test_the_default_window_rule(policy_type, budget, sink, interval, window):
+    """llama_kv_policy_resolve fills n_window = -1 with tri's rule, min(interval, (budget - sink) / 2) but at
+    least 1, and with 1 for the baselines (their published form); pytriatt.policy.resolved_window agrees."""
+    import ctypes
+
+    from pytriatt import policy
+
+    p = llama_cpp.llama_kv_policy_default_params()
+    p.type = llama_cpp.llama_kv_policy_type_from_name(policy_type.encode())
+    p.budget, p.n_sink, p.interval = budget, sink, interval
+    r = llama_cpp.llama_kv_policy_resolve(ctypes.byref(p))
+    assert r.n_window == window == policy.resolved_window(policy_type, budget, sink, interval)
+    assert r.horizon == policy.resolved_horizon(budget, interval) >= 1
+    # explicit values pass through unchanged
+    p.n_window, p.horizon = 7, 512
+    r = llama_cpp.llama_kv_policy_resolve(ctypes.byref(p))
+    assert (r.n_window, r.horizon) == (7, 512)
 
 
 def test_libllama_names_the_policies_pytriatt_and_llama_accept(tiny):

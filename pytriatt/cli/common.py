@@ -199,7 +199,11 @@ def add_round_options(p, *, window: bool = True) -> None:
                    help=f"never evict the first N tokens (default {kv_policy.DEFAULT_SINK})")
     if window:
         p.add_argument("--window", type=int, default=kv_policy.DEFAULT_WINDOW,
-                       help=f"never evict the last N tokens (default {kv_policy.DEFAULT_WINDOW})")
+                       help="never evict the last N tokens (default -1: the rule, for tri min(interval, "
+                            "(budget - sink) / 2), for the other policies 1; 1 is the paper's)")
+    p.add_argument("--horizon", type=int, default=kv_policy.DEFAULT_HORIZON,
+                   help=f"tri: rank keys for the queries 1, 2, 4, ..., N tokens ahead (default -1: the rule; "
+                        f"{kv_policy.PAPER_HORIZON} is the paper's)")
 
 
 def add_policy_options(p, *, what: str = "KV tokens to keep") -> None:
@@ -222,7 +226,7 @@ def kv_policy_args(args, path: Path, model_arg: str) -> dict:
     """Llama keyword arguments of the KV eviction options (empty: full attention, stock behaviour)."""
     policy = args.policy or ("tri" if args.budget is not None else "full")
     kv_policy.validate(policy, args.budget, interval=args.interval, sink=args.sink, window=args.window,
-                       per_head=getattr(args, "per_head", None), shift=args.shift)
+                       per_head=getattr(args, "per_head", None), shift=args.shift, horizon=args.horizon)
     if policy == "full":
         return {}
     ctx_size = getattr(args, "ctx_size", None)
@@ -230,7 +234,8 @@ def kv_policy_args(args, path: Path, model_arg: str) -> dict:
         raise CliError(f"--budget {args.budget} is not below -c {ctx_size} (the longest sequence): nothing would "
                        f"ever be evicted; lower --budget or raise -c (default: the model's trained context)")
     kw = dict(kv_policy=policy, kv_budget=args.budget, kv_interval=args.interval, kv_sink=args.sink,
-              kv_window=args.window, kv_protect_prompt=args.protect_prompt, kv_shift=args.shift)
+              kv_window=args.window, kv_horizon=args.horizon, kv_protect_prompt=args.protect_prompt,
+              kv_shift=args.shift)
     if getattr(args, "per_head", None):
         kw["kv_per_head"] = args.per_head
     if policy == "tri":

@@ -30,6 +30,15 @@ Measure how much of a model's quality a KV-cache policy keeps at each budget (to
            entered (the tree is listed far back) and the node returned to (the recursion
            state, written when that node was last visited); accuracy by kind and by
            lookback (tokens back to the answer's last mention).
+  ruler    RULER's synthetic tasks (Hsieh et al. 2024) in prompts of --tokens tokens of prose
+           (Python's docs or --text) with needles at sentence boundaries, --samples prompts
+           per category, answered greedily (up to --gen tokens): niah_single (one "special
+           magic number" needle), niah_multikey (+ 3 distractor keys), niah_multivalue (4
+           values of one key), niah_multiquery (4 keys asked at once), vt (variable tracking:
+           every variable of a chain VAR A = 12345, VAR B = VAR A, ...), cwe (the 10 most common
+           words of a numbered list). --categories picks some. Metrics: acc_<category> = share
+           of the answers found in the output (RULER's string match; n = answers, Wilson 95%
+           intervals), acc = RULER's average of the categories.
   recall   with the full cache, at --samples round starts: the share of the next
            interval's true attention mass (softmax over positions so far, per head,
            averaged) on the tokens each policy would keep. Adds `oracle` (the best single
@@ -50,6 +59,7 @@ examples:
   pytriatt eval smollm2-135m --task nll --budgets 128,256,512 --tokens 2048
   pytriatt eval qwen2.5-0.5b --task passkey --policies full,tri,streaming --budgets 256 --json
   pytriatt eval smollm2-135m --task recall --budgets 64,128,256,512 --ablations --plot recall.png
+  pytriatt eval qwen2.5-0.5b --task ruler --tokens 4096 --samples 4 --policies full,tri,streaming --budgets 512
 """
 
 
@@ -64,15 +74,20 @@ def add_parser(sub) -> None:
     p.add_argument("--budgets", default="128,256,512", help="comma-separated KV budgets in tokens (default 128,256,512)")
     p.add_argument("--shift", action="store_true", help="also run tri and streaming with positions compacted")
     p.add_argument("--tokens", "-c", "--ctx-size", dest="tokens", type=int, help="sequence length: nll/recall text tokens (default 2048), passkey prompt "
-                                              "(default 1024), agree prompt (default 512)")
+                                              "(default 1024), agree prompt (default 512), ruler prompt (default 4096)")
     p.add_argument("--samples", type=int, help="passkey keys per depth (default 5), agree prompts (4), dfs trees (4), "
-                                               "recall round starts (6)")
-    p.add_argument("--gen", type=int, default=128, help="agree: tokens to generate (default 128)")
-    p.add_argument("--depths", default="0.1,0.5,0.9", help="passkey: relative depths of the key (default 0.1,0.5,0.9)")
+                                               "recall round starts (6), ruler prompts per category (4)")
+    p.add_argument("--gen", type=int, help="agree: tokens to generate (default 128); ruler: at most, per prompt "
+                                           "(default 32 to 120 by category)")
+    p.add_argument("--depths", help="passkey: relative depths of the key (default 0.1,0.5,0.9); ruler: the depths "
+                                    "needles are drawn from (default 0.25,0.3,...,0.75)")
+    p.add_argument("--categories", help="ruler: comma-separated, of niah_single, niah_multikey, niah_multivalue, "
+                                        "niah_multiquery, vt, cwe (default all)")
     p.add_argument("--nodes", type=int, default=20, help="dfs: nodes per tree (default 20)")
     p.add_argument("--queries", type=int, default=16, help="recall: queries replayed per round start (default 16)")
     p.add_argument("--ablations", action="store_true", help="recall: add tri-notrig, tri-nonorm, tri-kvmean, tri-offmax")
-    p.add_argument("--text", metavar="FILE", help="nll/agree/recall text (default: Python's docs, pydoc_data.topics)")
+    p.add_argument("--text", metavar="FILE", help="nll/agree/recall text, ruler haystack (default: Python's docs, "
+                                                  "pydoc_data.topics)")
     add_round_options(p)
     p.add_argument("--snap-window", type=int, default=32, help="snapkv: observation window (default 32)")
     add_calib_options(p, calibrate=False)
@@ -80,7 +95,7 @@ def add_parser(sub) -> None:
     add_cache_types(p)
     add_threads(p)
     p.add_argument("--seed", type=int, default=0, help="seed of keys, trees, random eviction (default 0)")
-    p.add_argument("--metric", help="metric to plot (default: ppl_ratio, acc, prefix, acc, recall by task)")
+    p.add_argument("--metric", help="metric to plot (default: ppl_ratio, acc, prefix, acc, recall, acc by task)")
     p.add_argument("--plot", metavar="PNG", help="draw the metric against the budget, one line per policy")
     p.add_argument("--json", action="store_true", help="print the result rows as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
@@ -88,8 +103,10 @@ def add_parser(sub) -> None:
 
 
 def _task_opts(args) -> dict:
-    o = dict(interval=args.interval, sink=args.sink, window=args.window, seed=args.seed, snap_window=args.snap_window)
-    defaults = {"nll": (2048, None), "recall": (2048, 6), "passkey": (1024, 5), "agree": (512, 4), "dfs": (None, 4)}
+    o = dict(interval=args.interval, sink=args.sink, window=args.window, horizon=args.horizon, seed=args.seed,
+             snap_window=args.snap_window)
+    defaults = {"nll": (2048, None), "recall": (2048, 6), "passkey": (1024, 5), "agree": (512, 4), "dfs": (None, 4),
+                "ruler": (4096, 4)}
     tokens, samples = defaults[args.task]
     if args.tokens is not None:
         if args.task == "dfs":
@@ -103,20 +120,34 @@ def _task_opts(args) -> dict:
                     ("--gen", args.gen), ("--nodes", args.nodes), ("--queries", args.queries)):
         if v is not None and v < 1:
             raise EvalError(f"{what} must be positive")
-    if args.sink < 0 or args.window < 1:
-        raise EvalError("--sink must be >= 0 and --window >= 1 (the newest token always stays)")
     if tokens is not None:
         o["tokens"] = tokens
     if samples is not None:
         o["samples"] = samples
-    if args.text and args.task in ("nll", "agree", "recall"):
+    if args.text and args.task in ("nll", "agree", "recall", "ruler"):
         o["text"] = read_text(args.text)
     elif args.text:
-        raise EvalError(f"--text applies to nll, agree and recall, not {args.task}")
+        raise EvalError(f"--text applies to nll, agree and recall (and ruler's haystack), not {args.task}")
     if args.task == "agree":
-        o["gen"] = args.gen
+        o["gen"] = args.gen or 128
     if args.task == "passkey":
-        o["depths"] = number_list(args.depths, "--depths", float)
+        o["depths"] = number_list(args.depths or "0.1,0.5,0.9", "--depths", float)
+    if args.categories and args.task != "ruler":
+        raise EvalError(f"--categories applies to ruler, not {args.task}")
+    if args.task == "ruler":
+        from ..evaluation.ruler import CATEGORIES
+        if args.gen is not None:
+            o["gen"] = args.gen
+        if args.depths:
+            o["depths"] = number_list(args.depths, "--depths", float)
+            if any(d > 1 for d in o["depths"]):
+                raise EvalError(f"--depths are shares of the haystack, within 0..1, got {args.depths!r}")
+        if args.categories is not None:
+            cats = [c.strip() for c in args.categories.split(",") if c.strip()]
+            bad = [c for c in cats if c not in CATEGORIES]
+            if bad or not cats:
+                raise EvalError(f"--categories takes some of {', '.join(CATEGORIES)}, got {args.categories!r}")
+            o["categories"] = cats
     if args.task == "dfs":
         o["nodes"] = args.nodes
     if args.task == "recall":

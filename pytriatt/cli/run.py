@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import _llama
 from ..models import DEFAULT_MODEL
+from ..policy import resolved_horizon, resolved_window
 from ..report import mib
 from .common import (CliError, add_cache_types, add_calib_options, add_ctx_size, add_gpu_layers, add_model_argument,
                      add_policy_options, add_threads, flash_attn, gpu_layers, kv_policy_args, print_json,
@@ -174,7 +175,9 @@ def cmd_run(args) -> int:
               "kv_cells_swa": st.get("n_cells_swa", 0), "kv_cells_used_swa": st.get("n_cells_used_swa", 0),
               "kv_bytes_full_attention": round(full_bytes) if full_bytes else None}
     if kv:
-        result.update(budget=args.budget, interval=args.interval, sink=args.sink, window=args.window,
+        result.update(budget=args.budget, interval=args.interval, sink=args.sink,
+                      window=resolved_window(llm.kv_policy, args.budget, args.sink, args.interval, args.window),
+                      horizon=resolved_horizon(args.budget, args.interval, args.horizon) if llm.kv_policy == "tri" else None,
                       shift=args.shift, kv_cells_peak=peak, evictions=st["n_rounds"], tokens_evicted=st["n_evicted"],
                       score_ms=round(st["t_score_ms"], 3), evict_ms=round(st["t_evict_ms"], 3),
                       per_head=getattr(args, "per_head", None) or False, head_rows_moved=st.get("n_moved", 0),

@@ -25,14 +25,32 @@ from ..errors import EvalError  # noqa: F401
 
 # policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
 # snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens
-from ..policy import (DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES, PER_HEAD_POLICIES, POLICIES,
-                      c_params, cells_needed, cells_needed_swa)  # noqa: E402
+from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES,
+                      PER_HEAD_POLICIES, POLICIES, PRESETS, c_params, cells_needed, cells_needed_swa)  # noqa: E402
 
 
 def split_policy(name: str):
-    """'tri@head' -> ('tri', 'head'); 'tri' -> ('tri', 'shared')."""
+    """'tri@head' -> ('tri', 'head'); 'tri' -> ('tri', 'shared'); 'tri/paper@head' -> ('tri', 'head')."""
     base, _, gran = name.partition("@")
-    return base, gran or "shared"
+    return base.partition("/")[0], gran or "shared"
+
+
+def policy_settings(name: str) -> dict:
+    """The settings a policy name carries after '/': a preset of pytriatt.policy.PRESETS ('tri/paper') or
+    window / horizon values ('tri/w=32/h=1024'), which override --window / --horizon for that policy."""
+    parts = name.partition("@")[0].split("/")[1:]
+    out = {}
+    for part in parts:
+        if part in PRESETS:
+            out.update(PRESETS[part])
+            continue
+        key, eq, value = part.partition("=")
+        full = {"w": "window", "h": "horizon"}.get(key, key)
+        if not eq or full not in ("window", "horizon") or not value.lstrip("-").isdigit():
+            raise EvalError(f"policy {name!r}: after '/' give a preset ({', '.join(PRESETS)}) or w=N / h=N "
+                            "(window, horizon), e.g. tri/paper or tri/w=32/h=1024")
+        out[full] = int(value)
+    return out
 POSITION_MODES = ("gaps", "shift")
 ROW_KEYS = ("model", "policy", "position", "budget", "task", "n", "metric", "value", "ci_low", "ci_high")
 
@@ -124,11 +142,12 @@ def check_supported(policies: Sequence[str]) -> None:
                             "snapkv@head, snapkv@layer for per-head eviction)")
         if gran not in GRANULARITIES or (gran != "shared" and p not in PER_HEAD_POLICIES):
             raise EvalError(f"policy {name!r}: per-head eviction is tri@head, tri@layer, snapkv@head or snapkv@layer")
+        policy_settings(name)
 
 
 def attach_policy(ctx, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
                   window: int = DEFAULT_WINDOW, seed: int = 0, calib: Optional[PathLike] = None, shift: bool = False,
-                  snap_window: int = 32, kv_agg: str = "max") -> None:
+                  snap_window: int = 32, kv_agg: str = "max", horizon: int = DEFAULT_HORIZON) -> None:
     """Attach an eviction policy to a pytriatt Context; it runs inside llama_decode.
 
     Like Context.set_kv_policy, plus the snapkv policy and the shift position mode of
@@ -137,10 +156,11 @@ def attach_policy(ctx, policy: str, budget: int, *, interval: int = DEFAULT_INTE
         return
     lc = _llama.require_patched("kv policy")
     check_supported([policy])
+    settings = dict(dict(window=window, horizon=horizon), **policy_settings(policy))
     policy, gran = split_policy(policy)
-    p = c_params(lc, policy, budget, interval=interval, sink=sink, window=window, per_head=gran, shift=shift,
+    p = c_params(lc, policy, budget, interval=interval, sink=sink, per_head=gran, shift=shift,
                  calib=calib if calib is not None else ctx.model.path, seed=seed, kv_agg=kv_agg,
-                 snap_window=snap_window if policy == "snapkv" else None)
+                 snap_window=snap_window if policy == "snapkv" else None, **settings)
     if lc.llama_set_kv_policy(ctx.ctx_ptr, ctypes.byref(p)) != 0:
         raise EvalError(f"policy {policy}: " + lc.llama_kv_policy_last_error().decode("utf-8", "replace"))
 
@@ -193,7 +213,7 @@ def say(progress: bool, msg: str) -> None:
 # -- what the tasks share --------------------------------------------------------------
 
 # keyword arguments every task passes through to the policy (attach_policy)
-POLICY_KW = ("sink", "window", "seed", "calib", "shift", "snap_window", "kv_agg")
+POLICY_KW = ("sink", "window", "horizon", "seed", "calib", "shift", "snap_window", "kv_agg")
 
 
 def policy_kw(kw: dict) -> dict:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .. import _llama, gguf_io
 from ..ggml_tensors import GgmlTensor, ggml_lib, read_tensor
-from ..policy import DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW
+from ..policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, resolved_horizon, resolved_window
 from .common import EvalError, load_model, mean_ci, model_name, read_text, row, say, text_tokens
 
 RECALL_POLICIES = ("full", "tri", "streaming", "random", "snapkv", "oracle")
@@ -201,13 +201,17 @@ def round_starts(n_tokens: int, n_steps: int, interval: int) -> List[int]:
 
 def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, tokens: int = 2048,
                samples: int = 6, queries: int = 16, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
-               window: int = DEFAULT_WINDOW,
+               window: int = DEFAULT_WINDOW, horizon: int = DEFAULT_HORIZON,
                seed: int = 0, calib=None, snap_window: int = 32, kv_agg: str = "max", ablations: bool = False,
                text: Optional[str] = None, text_file=None, progress: bool = False, name: Optional[str] = None,
                **_ignored) -> List[dict]:
     """Recall of every policy at every budget, at `samples` round starts, with `queries` queries
     of the following interval each. Rows: metric "recall", n = round starts, 95% interval over them."""
     from ..core import Calibration, select
+
+    def wnd(p: str, b: int) -> int:
+        """The window the patch protects for policy p at budget b (tri's rule for tri and the oracles)."""
+        return resolved_window(p if p in ("streaming", "random", "snapkv") else "tri", b, sink, interval, window)
 
     policies = list(policies) + ([p for p in TRI_ABLATIONS if p not in policies] if ablations else [])
     for p in policies:
@@ -235,7 +239,7 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
         say(progress, f"recall: round start {t} ({si + 1}/{len(steps)})")
         pos = np.arange(t + 1, dtype=np.int32)
         keeps: Dict[tuple, np.ndarray] = {}
-        raw_cache: Dict[str, list] = {}
+        raw_cache: Dict[object, list] = {}
         for p in policies:
             for b in budgets:
                 if p in ("full", "oracle") or p in PERHEAD_POLICIES:
@@ -244,19 +248,19 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
                     keeps[(p, b)] = pos
                     continue
                 if p in ("streaming", "random"):
-                    keeps[(p, b)] = select(p, None, pos, t, b, sink, window, seed=seed)
+                    keeps[(p, b)] = select(p, None, pos, t, b, sink, wnd(p, b), seed=seed)
                 elif p == "snapkv":
                     if "snap" not in raw_cache:
                         raw_cache["snap"] = snapkv_scores(K, Q, q_index, layers, t, info, snap_window=snap_window)
-                    keeps[(p, b)] = select("tri", raw_cache["snap"], pos, t, b, sink, window, n_head_kv=Hkv,
+                    keeps[(p, b)] = select("tri", raw_cache["snap"], pos, t, b, sink, wnd(p, b), n_head_kv=Hkv,
                                            kv_agg=kv_agg)
                 else:
                     ab = TRI_ABLATIONS.get(p, {})
-                    sk = ab.get("score", {})
+                    sk = dict(dict(offsets_max=resolved_horizon(b, interval, horizon)), **ab.get("score", {}))
                     key = repr(sorted(sk.items()))
                     if key not in raw_cache:
                         raw_cache[key] = [cal.score(il, K[il][:t + 1], pos, t, **sk) for il in layers]
-                    keeps[(p, b)] = select("tri", raw_cache[key], pos, t, b, sink, window, n_head_kv=Hkv,
+                    keeps[(p, b)] = select("tri", raw_cache[key], pos, t, b, sink, wnd(p, b), n_head_kv=Hkv,
                                            kv_agg=ab.get("select", {}).get("kv_agg", kv_agg))
         masks = {k: np.zeros(t + 1, np.float32) for k in keeps}
         for k, v in keeps.items():
@@ -279,15 +283,16 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
             score = np.mean([pr.mean(axis=(0, 1)) for pr in old_mass], axis=0)
             for b in budgets:
                 m = np.zeros(t + 1, np.float32)
-                m[_top_keep(score, b, sink, window)] = 1.0
+                m[_top_keep(score, b, sink, wnd("tri", b))] = 1.0
                 per.setdefault(("oracle", b), []).append(float(np.mean([(pr @ m).mean() for pr in old_mass])))
         for p in PERHEAD_POLICIES:
             if p not in policies:
                 continue
             if p == "tri-perhead":
-                if "[]" not in raw_cache:
-                    raw_cache["[]"] = [cal.score(il, K[il][:t + 1], pos, t) for il in layers]
-                head_scores = [group_scores(r, Hkv) for r in raw_cache["[]"]]     # per layer [t+1, Hkv]
+                hz = resolved_horizon(budgets[0], interval, horizon)
+                if ("perhead", hz) not in raw_cache:
+                    raw_cache[("perhead", hz)] = [cal.score(il, K[il][:t + 1], pos, t, offsets_max=hz) for il in layers]
+                head_scores = [group_scores(r, Hkv) for r in raw_cache[("perhead", hz)]]     # per layer [t+1, Hkv]
             else:
                 head_scores = [pr.reshape(Hkv, g, *pr.shape[1:]).mean(axis=(1, 2)).T for pr in old_mass]
             for b in budgets:
@@ -295,7 +300,7 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
                 for sc, pr in zip(head_scores, old_mass):
                     for j in range(Hkv):
                         m = np.zeros(t + 1, np.float32)
-                        m[_top_keep(sc[:, j], b, sink, window)] = 1.0
+                        m[_top_keep(sc[:, j], b, sink, wnd("tri", b))] = 1.0
                         vals.append((pr[j * g:(j + 1) * g] @ m).mean())
                 per.setdefault((p, b), []).append(float(np.mean(vals)))
     rows = []

@@ -1,12 +1,12 @@
 """`pytriatt eval`: what a KV policy keeps of the model's quality, at each memory budget.
 
-    pytriatt eval MODEL --task nll|passkey|agree|dfs|recall --policies full,tri,streaming,random,snapkv
+    pytriatt eval MODEL --task nll|passkey|agree|dfs|recall|ruler --policies full,tri,streaming,random,snapkv
                   --budgets 128,256,512,1024 [--json] [--plot out.png] [--shift]
 
 Every task but recall runs the policy inside llama_decode (the patch's real eviction);
 recall replays the true attention against each policy's choice. The tasks live in
-pytriatt/evaluation/ (nll, passkey, agree, dfs, recall); their functions (run_nll, run_passkey,
-run_agree, run_dfs, run_recall) can be called from Python and return the same rows.
+pytriatt/evaluation/ (nll, passkey, agree, dfs, recall, ruler); their functions (run_nll, run_passkey,
+run_agree, run_dfs, run_recall, run_ruler) can be called from Python and return the same rows.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from . import common as eval_common
-from .common import EvalError, check_supported, model_name, say
+from ..errors import UserError
+from ..policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, validate
+from .common import EvalError, check_supported, model_name, policy_settings, say, split_policy
 
-TASKS = ("nll", "passkey", "agree", "dfs", "recall")
-DEFAULT_METRIC = {"nll": "ppl_ratio", "passkey": "acc", "agree": "prefix", "dfs": "acc", "recall": "recall"}
+TASKS = ("nll", "passkey", "agree", "dfs", "recall", "ruler")
+DEFAULT_METRIC = {"nll": "ppl_ratio", "passkey": "acc", "agree": "prefix", "dfs": "acc", "recall": "recall",
+                  "ruler": "acc"}
 SHIFT_POLICIES = ("tri", "streaming")
 
 
@@ -44,14 +47,26 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
 
 def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, calib_tokens, name, **opts):
     from . import agree as agree_task, dfs as dfs_task, nll as nll_task, passkey as passkey_task
-    from . import recall as eval_recall
+    from . import recall as eval_recall, ruler as ruler_task
 
     if task not in TASKS:
         raise EvalError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
     budgets = sorted(set(int(b) for b in budgets))
-    sink, window = opts.get("sink", 4), opts.get("window", 1)
-    if any(b <= sink + window for b in budgets):
-        raise EvalError(f"every budget must exceed --sink + --window ({sink + window})")
+    if task != "recall":
+        check_supported(policies)
+        # libllama's rule for the protections (pytriatt.policy.validate), per policy and budget
+        for p in policies:
+            if p == "full":
+                continue
+            base, gran = split_policy(p)
+            settings = dict(dict(window=opts.get("window", DEFAULT_WINDOW), horizon=opts.get("horizon", DEFAULT_HORIZON)),
+                            **policy_settings(p))
+            for b in budgets:
+                try:
+                    validate(base, b, interval=opts.get("interval", DEFAULT_INTERVAL), sink=opts.get("sink", DEFAULT_SINK),
+                             **settings)
+                except UserError as e:
+                    raise EvalError(f"policy {p}, budget {b}: {e}") from None
     name = name or model_name(model_path)
     if task == "recall":
         # recall computes every choice in NumPy/the core: no llama.cpp policy is attached
@@ -61,7 +76,7 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
             raise EvalError(f"unknown policy {bad[0]!r} for recall (known: {', '.join(sorted(known))})")
     else:
         check_supported(policies)
-    needs_tri = any(p == "tri" or p.startswith(("tri-", "tri@")) for p in policies)
+    needs_tri = any(p == "tri" or p.startswith(("tri-", "tri@", "tri/")) for p in policies)
     if needs_tri and calib is None:
         from ..calibrate import QUICK_TOKENS, ensure_calibrated
         calib = ensure_calibrated(model_path, tokens=calib_tokens or QUICK_TOKENS, progress=progress,
@@ -105,6 +120,8 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
             r = passkey_task.run_passkey(model_path, policy, budget, **kw)
         elif task == "agree":
             r = agree_task.run_agree(model_path, policy, budget, **kw)
+        elif task == "ruler":
+            r = ruler_task.run_ruler(model_path, policy, budget, progress=progress, **kw)
         else:
             r = dfs_task.run_dfs(model_path, policy, budget, **kw)
         rows.extend(r)
@@ -129,7 +146,7 @@ def _paired_to_streaming(per_token: Dict[tuple, np.ndarray], name: str, interval
                                      "ppl_vs_streaming", interval=interval))
     # per-head variants (tri@head, ...) against the same policy with one shared token set
     for (policy, budget, sh), nll in per_token.items():
-        shared, _, gran = policy.partition("@")
+        shared, _, gran = policy.partition("@")    # tri/paper@head against tri/paper
         base = per_token.get((shared, budget, sh))
         if gran and base is not None:
             rows.append(paired_ratio_row(name, policy, "shift" if sh else "gaps", budget, nll, base,
