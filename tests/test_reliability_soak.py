@@ -5,8 +5,10 @@ the warm-up stays flat. The full soak (20,000 tokens) is `python tools/soak.py` 
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,24 +18,21 @@ pytest.importorskip("llama_cpp")
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location("soak_tool", ROOT / "tools" / "soak.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.real
 def test_long_generation_in_a_fixed_budget(smollm2_path, tmp_path):
-    soak = load_tool()
     from pytriatt import gguf_io
     from pytriatt.calibrate import calibrate
     cal, _ = calibrate(smollm2_path, max_tokens=512, n_ctx=512, progress=False)
     calib = tmp_path / "smollm2.tri.gguf"
     gguf_io.write_with_metadata(smollm2_path, calib, cal.gguf_fields())
     tokens = int(os.environ.get("PYTRIATT_SOAK_TOKENS", "2000"))
-    res = soak.soak(smollm2_path, tokens=tokens, budget=256, interval=128, policy="tri", calib=calib,
-                    progress_every=0)
+    # tools/soak.py in a process of its own: the resident memory it measures is the soak's alone, not
+    # that of a test process which other tests' models and contexts come and go in
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "soak.py"), str(smollm2_path), "--tokens", str(tokens),
+                        "--budget", "256", "--interval", "128", "--policy", "tri", "--calib", str(calib), "--json"],
+                       capture_output=True, text=True, timeout=3600)
+    assert r.stdout.strip(), f"tools/soak.py printed no figures ({r.returncode}):\n{r.stderr[-3000:]}"
+    res = json.loads(r.stdout)
     print({k: v for k, v in res.items() if k != "model"})
     assert res["tokens_generated"] == tokens
     assert res["steps_over_limit"] == [] and res["max_cached_cells"] <= 256 + 128
@@ -41,3 +40,4 @@ def test_long_generation_in_a_fixed_budget(smollm2_path, tmp_path):
     assert res["counters_add_up"], res
     assert res["newest_position"] == res["tokens_decoded"] - 1
     assert res["rss_growth_pct"] < 2.0, res
+    assert r.returncode == 0 and res["ok"], r.stderr[-3000:]
