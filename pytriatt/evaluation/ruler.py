@@ -275,7 +275,7 @@ def vt_prompt(text: str, n_tokens: int, rng: np.random.Generator, *, count: Coun
               depths: Sequence[float] = DEFAULT_DEPTHS, hops: int = VT_HOPS, chains: int = 1) -> RulerPrompt:
     """RULER's variable tracking: `chains` chains of hops + 1 variables ("VAR A = 12345.", "VAR B = VAR A.",
     ...) in the haystack; the first chain's value is asked. A worked example (its own chain in a few
-    sentences of the text) comes first, as RULER's one-shot prompt."""
+    sentences of the text) comes first, as RULER's one-shot prompt, where it takes at most half the length."""
     n_vars = hops + 1
     for _ in range(20):
         names: List[str] = []
@@ -289,14 +289,20 @@ def vt_prompt(text: str, n_tokens: int, rng: np.random.Generator, *, count: Coun
         def statements(vs, value):
             return [f"VAR {vs[0]} = {value}."] + [f"VAR {vs[j + 1]} = VAR {vs[j]}." for j in range(hops)]
 
-        # the example: its chain evenly through a few sentences of another passage
+        # the example: its chain evenly through a few sentences (about 500 characters) of another passage
         ex_vars, ex_value = chain_vars[-1], vals[-1]
-        ex_hay = pieces(text, _paragraph_start(text, rng, 4000), 4000)[:6]
+        ex_hay = []
+        for piece in pieces(text, _paragraph_start(text, rng, 4000), 4000):
+            if ex_hay and sum(map(len, ex_hay)) + len(piece) > 500:
+                break
+            ex_hay.append(piece)
         ex_placed = [(j / n_vars, j, s) for j, s in enumerate(statements(ex_vars, ex_value))]
         ex_context, _ = _assemble("", ex_hay, ex_placed, "")
         example = (VT_INTRO + ex_context + VT_QUESTION.format(value=ex_value, n=n_vars) + " "
                    + " ".join(ex_vars) + "\n\n")
         groups = [statements(chain_vars[c], vals[c]) for c in range(chains)]
+        if count(example) > n_tokens // 2:      # a short prompt goes without the example
+            example = ""
         prompt, inserts, ds = haystack_prompt(
             text, n_tokens, rng, example + VT_INTRO, VT_QUESTION.format(value=vals[0], n=n_vars), groups,
             count=count, depths=depths, what="vt")
@@ -308,7 +314,8 @@ def vt_prompt(text: str, n_tokens: int, rng: np.random.Generator, *, count: Coun
             break
     return RulerPrompt("vt", prompt, tuple(chain_vars[0]), tuple(inserts), dict(
         value=vals[0], chains=[dict(value=vals[c], variables=chain_vars[c]) for c in range(chains)],
-        example=dict(value=ex_value, variables=ex_vars), context_start=len(example), depths=ds))
+        example=dict(value=ex_value, variables=ex_vars) if example else None, context_start=len(example),
+        depths=ds))
 
 
 def _word_list(words: Sequence[str], n_common: int, freq_common: int, freq_rare: int, seed: int) -> List[str]:
