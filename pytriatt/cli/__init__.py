@@ -8,7 +8,7 @@
     pytriatt calibrate MODEL -o OUT.gguf     measure the query statistics and embed them in a copy of the GGUF
     pytriatt info MODEL                      architecture, TriAttention calibration and its concentration profile
     pytriatt plot MODEL -o heads.png         picture of the calibration: R per layer, attention vs distance
-    pytriatt eval MODEL --task nll|passkey|agree|dfs|recall --policies ... --budgets ...
+    pytriatt eval MODEL --task nll|passkey|agree|dfs|recall|ruler --policies ... --budgets ...
                                              quality of each KV policy against full attention
     pytriatt bench MODEL --budget N --positions 2048,8192
                                              decode speed and KV memory of each policy, ratios to full

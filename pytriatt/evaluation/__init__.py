@@ -2,7 +2,8 @@
 
     common                          result rows, intervals, models, contexts with a policy attached,
                                     greedy decoding under a policy
-    nll, passkey, agree, dfs, recall  one module per task; each run_* function returns result rows
+    nll, passkey, agree, dfs, recall, ruler
+                                    one module per task; each run_* function returns result rows
     runner                          evaluate(): one task over policies and budgets; the table, the plot
 
 The older module names pytriatt.eval_common, eval_tasks, eval_recall and evaluate still import.
