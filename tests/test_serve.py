@@ -121,8 +121,8 @@ def test_a_streamed_chat_of_4x_the_budget_completes_and_evicts_within_budget(ser
     assert st["n_cells_used_peak"] <= BUDGET + INTERVAL
     # evicted + cached = every token the sequence decoded
     assert st["n_tokens"] - st["n_cells_used"] <= st["evicted_total"]
-    # and the log says so, one line per request
-    deadline = time.monotonic() + 10
+    # and the log says so, one line per request (polled: the log line may come a moment later)
+    deadline = time.monotonic() + 120
     while "POST /v1/chat/completions 200" not in server.log and time.monotonic() < deadline:
         time.sleep(0.1)
     line = [ln for ln in server.log.splitlines() if "POST /v1/chat/completions 200" in ln][-1]
@@ -140,7 +140,8 @@ def test_a_plain_completion_beyond_the_budget(server, client, no_eog):
 
 
 def test_a_client_that_disconnects_mid_stream_leaves_the_server_serving(server, client, no_eog):
-    served = server.stats()["requests"]
+    before = server.stats()
+    served = before["requests"]
     stream = client.completions.create(model="smollm2", prompt="Once upon a time", max_tokens=1000,
                                        stream=True, logit_bias=no_eog)
     for i, _ in enumerate(stream):
@@ -148,14 +149,15 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_server_serving(server, 
             break
     stream.close()   # drop the connection with ~995 tokens to go
     assert server.alive()
-    t0 = time.monotonic()
     r = client.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=8, temperature=0)
     assert r.usage.completion_tokens >= 1
-    # the abandoned generation stopped: the next request did not wait for 995 more tokens
-    assert time.monotonic() - t0 < 20
     assert server.alive()
+    # the abandoned generation stopped short of its 1000 tokens: every token it decoded is now evicted or
+    # among the <= budget + interval cached ones, so a run to the end would have evicted > 1000 - 96
+    evicted = server.stats()["evicted_total"] - before["evicted_total"]
+    assert evicted + BUDGET + INTERVAL < 1000, evicted
     # both requests are counted once their responses have ended (the dropped one's may end a moment later)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 120
     while server.stats()["requests"] < served + 2 and time.monotonic() < deadline:
         time.sleep(0.1)
     assert server.stats()["requests"] == served + 2
