@@ -201,15 +201,20 @@ def haystack_prompt(text: str, n_tokens: int, rng: np.random.Generator, head: st
         else:
             raise EvalError(f"the text has too few sentences for a {what} prompt of {n_tokens} tokens: give a "
                             "longer --text or fewer --tokens")
-    lo, hi = 0, len(hay)                   # build(lo) fits, build(hi) does not
+    prompt, offsets = build(_largest_fitting(build, count, 0, len(hay), n_tokens))
+    return prompt, [(offsets[j], s) for j, (_, _, s) in enumerate(placed)], [d for d, _, _ in placed]
+
+
+def _largest_fitting(build, count, lo: int, hi: int, n_tokens: int) -> int:
+    """The largest k in [lo, hi) whose prompt build(k)[0] is at most n_tokens long, by bisection
+    (build(lo) fits; build(hi) does not, or hi is past the last k)."""
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if count(build(mid)[0]) <= n_tokens:
             lo = mid
         else:
             hi = mid
-    prompt, offsets = build(lo)
-    return prompt, [(offsets[j], s) for j, (_, _, s) in enumerate(placed)], [d for d, _, _ in placed]
+    return lo
 
 
 # -- the categories ----------------------------------------------------------------------
@@ -361,13 +366,7 @@ def cwe_prompt(text: str, n_tokens: int, rng: np.random.Generator, *, count: Cou
                 raise EvalError(f"cwe: {len(pool)} words are not enough for a list of {n_tokens} tokens: give "
                                 "fewer --tokens or leave cwe out of --categories")
             lo = hi = len(pool)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if count(build(mid)[0]) <= n_tokens:
-                lo = mid
-            else:
-                hi = mid
-        prompt, lst = build(lo)
+        prompt, lst = build(_largest_fitting(build, count, lo, hi, n_tokens))
         start = len(ex) + len(CWE_INTRO)
         return RulerPrompt("cwe", prompt, tuple(pool[:n_common]), (), dict(
             counts=dict(Counter(lst)), freq=(fc, fr), list_start=start, list_end=start + len(_numbered(lst)),
