@@ -33,7 +33,7 @@ import numpy as np
 from ..calibrate import QUICK_TOKENS, ensure_calibrated
 from ..corpus import default_text, text_tokens
 from ..errors import UserError
-from ..policy import DEFAULT_INTERVAL, DEFAULT_SINK, EVICTING, KV_CACHE_TYPES, cells_needed
+from ..policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, EVICTING, KV_CACHE_TYPES, cells_needed
 from .kvmath import ModelShape, model_shape, pad256
 from .logs import KvLog, parse_kv_log
 from .rss import rss_peak, rss_reset
@@ -100,8 +100,8 @@ class PolicyRun:
         self.n_cells = self.ctx.n_ctx
         self.kv_bytes = None if shape.swa else self.n_cells * shape.bytes_per_cell(spec.type_k, spec.type_v)
         if spec.policy != "full":
-            kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=1,
-                      n_threads=cfg["score_threads"])
+            kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=DEFAULT_WINDOW,
+                      horizon=cfg["horizon"], n_threads=cfg["score_threads"])
             if spec.policy == "tri":
                 kw["calib"] = calib
             if spec.shift:
@@ -248,8 +248,8 @@ def run_parallel(model, shape: ModelShape, log: KvLog, spec: PolicySpec, cfg: di
                   n_threads=cfg["threads"], kv_unified=cfg["kv_unified"], type_k=spec.type_k, type_v=spec.type_v)
     try:
         kv_log = parse_kv_log(log.take())
-        kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=1,
-                  n_threads=cfg["score_threads"])
+        kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=DEFAULT_WINDOW,
+                  horizon=cfg["horizon"], n_threads=cfg["score_threads"])
         if spec.policy == "tri":
             kw["calib"] = calib
         ctx.set_kv_policy(spec.policy, **kw)
@@ -307,8 +307,10 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
               interval: int = DEFAULT_INTERVAL, n_batch: int = 512, sink: int = DEFAULT_SINK,
               threads: Optional[int] = None, score_threads: int = 0, n_gpu_layers: int = 0, calib: Optional[Path] = None,
               calib_tokens: int = QUICK_TOKENS, parallel=None, parallel_position: Optional[int] = None,
-              kv_unified: bool = False, interleave: bool = True, progress: bool = True) -> dict:
-    """Run the benchmark; returns the report (the --json output). See the module docstring."""
+              kv_unified: bool = False, interleave: bool = True, progress: bool = True,
+              horizon: int = DEFAULT_HORIZON) -> dict:
+    """Run the benchmark; returns the report (the --json output). See the module docstring.
+    The policies run with their default protections (the -1 window rule); horizon: tri's."""
     from .. import _llama
     from ..context import Model
 
@@ -341,7 +343,8 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
         shape = model_shape(model)
         nt = threads or _llama.default_threads()
         cfg = dict(budget=budget, interval=interval, n_batch=n_batch, sink=sink, threads=nt,
-                   score_threads=score_threads, window=window, repeat=repeat, kv_unified=kv_unified)
+                   score_threads=score_threads, window=window, repeat=repeat, kv_unified=kv_unified,
+                   horizon=horizon)
         max_pos = max(full_positions)
         tokens = text_tokens(model, default_text(), max_pos + 1, repeat=True)
         rss_ok = rss_reset()

@@ -59,7 +59,7 @@ def cmd_bench(args) -> int:
                     sink=args.sink, threads=threads(args), score_threads=args.score_threads,
                     n_gpu_layers=gpu_layers(args), calib=calib, calib_tokens=args.calib_tokens,
                     parallel=parallel, parallel_position=args.parallel_position, kv_unified=args.kv_unified,
-                    interleave=not args.sequential, progress=not args.quiet)
+                    interleave=not args.sequential, progress=not args.quiet, horizon=args.horizon)
     if args.plot:
         plot_report(rep, out)
         rep["plot"] = str(out)
