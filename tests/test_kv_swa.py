@@ -137,7 +137,9 @@ def test_a_saved_state_restores_both_caches(swa_model):
         assert lc.llama_state_seq_set_data(fresh.ctx_ptr, buf, size, 0) == size
         assert visible(fresh) == want
         again = fresh.decode([5])
-    assert np.abs(after - again).max() <= 1e-4 * np.abs(after).max()
+    # the same tokens in other cells: only the order of float sums differs (measured up to 1.3e-4 of the
+    # logits' scale on tiny gpt-oss, depending on which cells the rounds left; a wrong cache is off by O(1))
+    assert np.abs(after - again).max() <= 1e-3 * np.abs(after).max()
 
 
 def test_sequences_keep_their_own_windows(swa_model):
