@@ -69,7 +69,8 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
         error = "KV policy: window must be >= 0 and horizon >= 1 (-1 for either: the default rule)";
         return false;
     }
-    params = llama_kv_policy_resolve(&p_in);
+    params      = llama_kv_policy_resolve(&p_in);
+    window_rule = p_in.n_window < 0;
     const llama_kv_policy_params & p = params;
     if (p.type == LLAMA_KV_POLICY_FULL) {
         return true;
@@ -280,6 +281,11 @@ bool llama_kv_policy::round(llama_context & ctx, llama_batch_allocr & balloc, ll
     sel.n_sink     = params.n_sink;
     sel.n_window   = std::max(params.n_window, 1); // the newest token must stay: the next batch continues from it
     sel.prompt_len = params.protect_prompt ? st.prompt_len : 0;
+    if (window_rule && params.protect_prompt) {
+        // the rule's window yields to a protected prompt: a prompt that fits with the newest token fits
+        const int64_t room = params.budget - std::max<int64_t>(sel.prompt_len, params.n_sink);
+        sel.n_window = std::max<int64_t>(1, std::min<int64_t>(sel.n_window, room));
+    }
     sel.seed       = params.seed;
     sel.kv_agg     = params.kv_agg_mean ? TRIATT_KV_AGG_MEAN : TRIATT_KV_AGG_MAX;
 
@@ -379,7 +385,7 @@ bool llama_kv_policy::check_prompt(llama_pos n_prompt) {
     if (!params.protect_prompt) {
         return true;
     }
-    const int64_t n_window = std::max(params.n_window, 1);
+    const int64_t n_window = window_rule ? 1 : std::max(params.n_window, 1); // the rule's window yields (round)
     const int64_t n_kept   = std::max<int64_t>(n_prompt, params.n_sink) + n_window;
     if (n_kept > params.budget) {
         error = "KV policy: protect_prompt keeps the prompt's " + std::to_string(n_prompt) + " tokens and the newest " +

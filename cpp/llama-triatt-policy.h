@@ -75,6 +75,7 @@ struct llama_kv_policy {
     std::vector<uint8_t>   move_stage;
     ggml_gallocr_t         move_galloc         = nullptr; // graph allocator of move_galloc_backend, reused
     ggml_backend_t         move_galloc_backend = nullptr;
+    bool window_rule = false;       // n_window came from the default rule (-1): a protected prompt may shrink it
     bool force_move_staged = false; // PYTRIATT_MOVE_STAGED=1: move device-like rows through a host copy
     bool force_move_graph  = false; // PYTRIATT_MOVE_BACKEND=1: move host rows by a graph on the CPU backend
     uint64_t n_moved = 0; // head rows moved by the latest round

@@ -252,6 +252,25 @@ def test_a_prompt_protection_that_cannot_fit_the_budget_is_refused_when_declared
         ctx.set_prompt(0, 1000)                                # nothing is protected: nothing to refuse
 
 
+def test_the_default_window_yields_to_a_protected_prompt(calibrated):
+    """tri's default window (min(interval, (budget - sink) / 2)) shrinks to what a protected prompt leaves, so
+    a prompt that fits with the newest token is accepted and kept whole; an explicit window does not shrink."""
+    m = Model(calibrated("llama"))
+    with Context(m, n_ctx=256, n_batch=64) as ctx:
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, protect_prompt=True)
+        ctx.set_prompt(0, BUDGET - 2)                          # the default window (16) would not fit beside it
+        ctx.decode(_tokens(BUDGET - 2, 1), logits="none")
+        for step in range(60):
+            ctx.decode(_tokens(1, 500 + step), logits="none")
+            held = ctx.positions(0).tolist()
+            assert held[:BUDGET - 2] == list(range(BUDGET - 2)) and held[-1] == ctx.pos_max(0)
+            assert len(held) <= BUDGET + INTERVAL
+        assert ctx.kv_policy_stats()["n_rounds"] > 0
+        ctx.set_kv_policy("tri", BUDGET, interval=INTERVAL, window=16, protect_prompt=True)
+        with pytest.raises(ValueError, match="newest 16, more than the budget"):
+            ctx.set_prompt(0, BUDGET - 2)
+
+
 @pytest.mark.parametrize("shift", [False, True])
 def test_pos_round_end_is_where_the_tokens_since_the_latest_round_start(tiny_gguf, shift):
     """What a caller needs to know which part of its sequence rounds compressed (llama-cpp-python's

@@ -184,8 +184,10 @@ def test_context_shift_and_eviction_are_mutually_exclusive(llama_tools, smollm2_
 
 def test_bad_kv_flags_are_refused_at_start_up(llama_tools, smollm2_path):
     m = str(smollm2_path)
-    assert "--kv-budget and --kv-interval must be >= 1" in _llama_server_error(
+    assert "--kv-budget, --kv-interval and --kv-horizon must be >= 1" in _llama_server_error(
         llama_tools, ["-m", m, "--kv-policy", "streaming", "--kv-budget", "0"])
+    assert "--kv-horizon must be >= 1" in _llama_server_error(
+        llama_tools, ["-m", m, "--kv-policy", "tri", "--kv-horizon", "0"])
     assert "must be smaller than -c" in _llama_server_error(
         llama_tools, ["-m", m, "--kv-policy", "streaming", "--kv-budget", "512", "-c", "256"])
     assert "unknown KV policy: sometimes (full, tri, streaming, random, snapkv)" in _llama_server_error(
@@ -199,8 +201,8 @@ def test_tri_on_an_uncalibrated_model_names_pytriatt_calibrate(llama_tools, smol
 
 def test_the_help_lists_the_kv_arguments(llama_tools):
     r = subprocess.run([str(llama_tools["llama-server"]), "--help"], capture_output=True, text=True, timeout=60)
-    for arg in ("--kv-policy", "--kv-budget", "--kv-interval", "--kv-sink", "--kv-window", "--kv-calib",
-                "--kv-per-head"):
+    for arg in ("--kv-policy", "--kv-budget", "--kv-interval", "--kv-sink", "--kv-window", "--kv-horizon",
+                "--kv-calib", "--kv-per-head"):
         assert arg in r.stdout
 
 
