@@ -227,7 +227,8 @@ def test_llama_save_and_load_state_of_a_compressed_sequence(tiny_cal, policy):
     for i, tok in enumerate(gen[-1:] + [int(t) for t in np.random.default_rng(3).integers(3, 500, 50)]):
         a.eval([tok])
         b.eval([tok])
-        np.testing.assert_allclose(last_logits(b), last_logits(a), rtol=1e-5 if i == 0 else 0, atol=1e-5 if i == 0 else 2e-3,
+        # first token: 1e-4 (a default-window cache's layout measured 1.4e-5 apart on a logit of 0.027)
+        np.testing.assert_allclose(last_logits(b), last_logits(a), rtol=1e-4 if i == 0 else 0, atol=1e-4 if i == 0 else 2e-3,
                                    err_msg=f"logits differ after {i + 1} tokens")
         np.testing.assert_array_equal(pytriatt.seq_positions(b, 0), pytriatt.seq_positions(a, 0))
     assert b.kv_policy_stats()["n_cells_used"] <= BUDGET + INTERVAL
