@@ -74,8 +74,6 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
         bad = [p for p in policies if p not in known]
         if bad:
             raise EvalError(f"unknown policy {bad[0]!r} for recall (known: {', '.join(sorted(known))})")
-    else:
-        check_supported(policies)
     needs_tri = any(p == "tri" or p.startswith(("tri-", "tri@", "tri/")) for p in policies)
     if needs_tri and calib is None:
         from ..calibrate import QUICK_TOKENS, ensure_calibrated
