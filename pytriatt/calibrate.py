@@ -18,7 +18,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from . import _llama
-from .corpus import DEFAULT_SOURCE, default_text, read_texts  # noqa: F401  (also importable from here)
+from .corpus import DEFAULT_SOURCE, default_text
 
 # the calibration run, serve, eval and bench make when a model has none: one size, one cache
 # (ensure_calibrated). smollm2-135m takes 37 s for it on 2 idle CPU cores (README); `pytriatt calibrate`

@@ -32,8 +32,7 @@ import numpy as np
 from . import gguf_io
 from .errors import CalibrationError
 from .gguf_model import ModelMeta, model_shape, open_model
-# the plot guard and its install hint live in pytriatt.report (still importable from here)
-from .report import PLOT_INSTALL_HINT, decimal_size, require_matplotlib  # noqa: F401
+from .report import decimal_size, require_matplotlib
 
 __all__ = [
     "THRESHOLDS",
@@ -48,7 +47,6 @@ __all__ = [
     "distance_curve",
     "pick_heads",
     "plot_calibration",
-    "PLOT_INSTALL_HINT",
 ]
 
 THRESHOLDS = (0.95, 0.8)

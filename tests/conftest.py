@@ -49,7 +49,7 @@ def a_cache_of_the_sessions_own(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_gguf(tmp_path_factory):
     """tiny_gguf(arch, **kw) -> path of a tiny random-weight GGUF (cached for the session)."""
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
 
     made = {}
 

@@ -29,15 +29,15 @@ TINY = sorted(a for a, row in table().items() if "tiny" in row["tested"] and row
 
 
 def tiny_args(row: str):
-    """the tiny model of a table row: an architecture of pytriatt.tiny, or one of its named variants"""
-    from pytriatt import tiny
+    """the tiny model of a table row: an architecture of pytriatt.testing.tiny, or one of its named variants"""
+    from pytriatt.testing import tiny
 
     arch, kw = tiny.VARIANTS.get(row, (row, {}))
     return arch, kw
 
 
 def test_the_table_covers_the_tiny_generator_and_agrees_with_the_verified_rope_list():
-    from pytriatt import tiny
+    from pytriatt.testing import tiny
     from pytriatt.core import VERIFIED_ARCHS
 
     rows = table()
@@ -68,7 +68,7 @@ def test_a_tiny_model_of_each_row_calibrates_and_decodes_300_steps_in_a_bounded_
 
 
 def test_a_recurrent_model_is_refused_with_the_reason(tmp_path):
-    from pytriatt.tiny import write_tiny_mamba_gguf
+    from pytriatt.testing.tiny import write_tiny_mamba_gguf
 
     assert table()["mamba"]["evict"].startswith("refused")
     mm = Model(write_tiny_mamba_gguf(tmp_path / "mamba.gguf"))
@@ -81,7 +81,7 @@ def test_a_recurrent_model_is_refused_with_the_reason(tmp_path):
 def test_an_mla_model_refuses_key_scoring_policies_and_takes_streaming(tmp_path):
     # DeepSeek-V2's cache holds one compressed latent row per token, shared by all heads: no per-head key
     # to score; the positional policies do not read keys and apply
-    from pytriatt.tiny import write_tiny_deepseek2_gguf
+    from pytriatt.testing.tiny import write_tiny_deepseek2_gguf
 
     row = table()["MLA (deepseek2, deepseek32, kimi...)"]
     assert "tiny" in row["tested"] and "refused" in row["evict"]
@@ -215,7 +215,8 @@ def test_shift_runs_on_a_model_with_nope_layers(tiny_calibrated):
 @pytest.fixture(scope="module")
 def support_of(tmp_path_factory):
     """support_of(row) -> pytriatt.modelinfo.support_report of that row's tiny model (what doctor MODEL says)"""
-    from pytriatt import modelinfo, tiny
+    from pytriatt import modelinfo
+    from pytriatt.testing import tiny
 
     d = tmp_path_factory.mktemp("support")
 
@@ -256,7 +257,7 @@ def test_doctor_model_prints_the_answer_and_fails_for_a_refused_model(tmp_path):
     import subprocess
     import sys
 
-    from pytriatt import tiny
+    from pytriatt.testing import tiny
 
     ok = tiny.write_tiny_gguf(tmp_path / "smollm3.gguf", "smollm3")
     mla = tiny.write_tiny_deepseek2_gguf(tmp_path / "ds2.gguf")

@@ -42,7 +42,7 @@ def files(tiny_gguf, tmp_path_factory):
     (d / "trunc-header.gguf").write_bytes(tri.read_bytes()[:5000])
     (d / "adir").mkdir()
     (d / "words.txt").write_text("hello world " * 50)
-    from pytriatt.tiny import write_tiny_mamba_gguf
+    from pytriatt.testing.tiny import write_tiny_mamba_gguf
     mamba = write_tiny_mamba_gguf(d / "mamba.gguf")
     return {"tiny": tiny, "tri": tri, "other": other, "notgguf": d / "notgguf.gguf", "trunc": d / "trunc.gguf",
             "trunc_header": d / "trunc-header.gguf", "dir": d / "adir", "missing": d / "missing.gguf",

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pytriatt import bench, gguf_io
+from pytriatt import benchmark, gguf_io
 
 pytest.importorskip("llama_cpp")
 
@@ -19,21 +19,21 @@ ROW_KEYS = {"policy", "position", "window", "repeat", "decode_tok_s", "decode_ms
 
 
 def specs(text, ctk="f16"):
-    return bench.parse_policies(text, ctk, ctk)
+    return benchmark.parse_policies(text, ctk, ctk)
 
 
 def run(model, policies="full,tri,streaming", positions=(64, 320), **kw):
     args = dict(budget=BUDGET, positions=list(positions), policies=specs(policies), window=WINDOW,
                 interval=INTERVAL, n_batch=N_BATCH, threads=1, progress=False)
     args.update(kw)
-    return bench.run_bench(model, **args)
+    return benchmark.run_bench(model, **args)
 
 
 def per_cell(model_path, ctk="f16", ctv="f16"):
     from pytriatt.context import Model
     m = Model(model_path)
     try:
-        return bench.model_shape(m).bytes_per_cell(ctk, ctv)
+        return benchmark.model_shape(m).bytes_per_cell(ctk, ctv)
     finally:
         m.close()
 
@@ -86,12 +86,12 @@ def test_kv_bytes_are_what_llama_cpp_allocated(report, tiny):
         assert s["kv_bytes_allocated"] == 256 * cell
         assert s["kv_bytes_check"] is True and abs(s["kv_bytes_log"] - 256 * cell) <= 0.01 * 2**20
     full = report["policies"]["full"]
-    assert full["kv_cells_allocated"] == bench.pad256(320 + WINDOW)
+    assert full["kv_cells_allocated"] == benchmark.pad256(320 + WINDOW)
     assert full["kv_bytes_check"] is True
     # full at position n: the cells a context holding n + window tokens allocates
     for r in report["rows"]:
         if r["policy"] == "full":
-            assert r["kv_bytes"] == bench.pad256(r["position"] + WINDOW) * cell
+            assert r["kv_bytes"] == benchmark.pad256(r["position"] + WINDOW) * cell
         else:
             assert r["kv_bytes"] == 256 * cell
 
@@ -104,8 +104,8 @@ def test_ratios_compare_with_full_attention_from_the_same_run(report):
         assert x["tok_s_vs_full_at_budget"] == row["vs_ref"] > 0
         assert x["tok_s_vs_full"] == pytest.approx(row["decode_tok_s"] / full[x["position"]], rel=1e-3)
     x = next(x for x in report["ratios"] if x["policy"] == "tri" and x["position"] == 320)
-    assert x["kv_bytes_full_over_policy"] == pytest.approx(bench.pad256(320 + WINDOW) / 256)
-    text = bench.format_report(report)
+    assert x["kv_bytes_full_over_policy"] == pytest.approx(benchmark.pad256(320 + WINDOW) / 256)
+    text = benchmark.format_report(report)
     assert "vs full@budget" in text and "tri" in text
 
 
@@ -113,7 +113,7 @@ def test_full_attention_rewinds_so_that_every_window_runs_at_its_position(tiny, 
     rep = run(tiny, "full,tri", positions=(64, 200), calib=tiny_cal, window=16, repeat=3, interval=16)
     full = rep["policies"]["full"]
     assert full["tokens_decoded"] == 200 and full["cells_used_final"] == 200     # rewound after each window
-    assert full["kv_cells_allocated"] == bench.pad256(200 + 16)
+    assert full["kv_cells_allocated"] == benchmark.pad256(200 + 16)
     tri = next(r for r in rep["rows"] if r["policy"] == "tri" and r["position"] == 200)
     assert tri["repeat"] == 3 and tri["n_rounds"] == 3                          # one round per window of interval steps
     assert rep["policies"]["tri"]["tokens_decoded"] == 200 + 3 * 16
@@ -125,14 +125,14 @@ def test_quantized_cache_types_are_counted_by_their_block_size(tiny_gguf, tmp_pa
     s = rep["policies"]["streaming:q8_0"]
     assert (s["type_k"], s["type_v"]) == ("q8_0", "q8_0")
     assert s["kv_bytes_allocated"] == 256 * 2 * (2 * 34 + 2 * 34) and s["kv_bytes_check"] is True
-    assert rep["policies"]["full"]["kv_bytes_allocated"] == bench.pad256(128 + 16) * 2 * (2 * 64 * 2)
+    assert rep["policies"]["full"]["kv_bytes_allocated"] == benchmark.pad256(128 + 16) * 2 * (2 * 64 * 2)
 
 
 def test_parallel_sequences_decode_together(tiny, tiny_cal):
     rep = run(tiny, "full,tri", positions=(64, 320), calib=tiny_cal, parallel="auto", parallel_position=200)
     p = rep["parallel"]
     # auto: as many budget-sized sequences as fit in full attention's KV memory at the largest position
-    assert p["n_seq"] == bench.pad256(320 + WINDOW) // 256 == 2
+    assert p["n_seq"] == benchmark.pad256(320 + WINDOW) // 256 == 2
     assert p["kv_cells"] == 2 * 256 and p["kv_bytes"] == rep["policies"]["full"]["kv_bytes_allocated"]
     assert p["aggregate_tok_s"] == pytest.approx(p["n_seq"] * p["per_seq_tok_s"], rel=1e-3)
     assert all(BUDGET < c <= BUDGET + INTERVAL for c in p["cells_used"])
@@ -209,7 +209,7 @@ def test_bad_input_is_one_line(tiny, args, message):
 def test_synth_writes_a_loadable_q8_0_model_of_a_real_shape(tmp_path):
     import numpy as np
 
-    from pytriatt import synth
+    from pytriatt.testing import synth
     from pytriatt.context import Context, Model
     path = synth.write_synth_gguf(tmp_path / "s.gguf", "small", n_layer=3)
     hdr = gguf_io.read_header(path)
@@ -244,7 +244,7 @@ def test_the_shift_mode_is_compared_with_gaps_or_refused_in_one_line(tiny, tiny_
 
 
 def test_the_table_says_why_a_score_share_is_zero_and_where_per_policy_rss_is(report, tiny):
-    text = bench.format_report(report)
+    text = benchmark.format_report(report)
     # interleaved (the default): no per-policy peak RSS, and the table says how to get it
     assert "peak RSS per policy needs --sequential" in text
     # a window of one interval holds a round at every position past the budget: nothing to explain
@@ -252,4 +252,4 @@ def test_the_table_says_why_a_score_share_is_zero_and_where_per_policy_rss_is(re
     # 2 steps from position 300: the prefill's last round left room for more than 2 tokens, so none falls there
     short = run(tiny, "full,streaming", positions=(300,), window=2)
     assert [r["n_rounds"] for r in short["rows"] if r["policy"] == "streaming"] == [0]
-    assert "no eviction round fell in the timed window (streaming@300)" in bench.format_report(short)
+    assert "no eviction round fell in the timed window (streaming@300)" in benchmark.format_report(short)

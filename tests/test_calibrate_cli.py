@@ -108,7 +108,7 @@ def test_bad_input_is_refused_with_one_line_and_no_output(tiny, tiny_gguf, tmp_p
     empty = tmp_path / "empty.txt"
     empty.write_text("   \n")
     refused(str(tiny), "-o", str(out), "--text", str(empty), match="empty")
-    from pytriatt.tiny import write_tiny_mamba_gguf
+    from pytriatt.testing.tiny import write_tiny_mamba_gguf
     mamba = write_tiny_mamba_gguf(tmp_path / "mamba.gguf")
     refused(str(mamba), "-o", str(out), match="mamba")
     assert not out.exists()

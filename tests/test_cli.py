@@ -120,7 +120,7 @@ def test_the_readme_commands_are_the_ones_ci_runs(monkeypatch):
 
 def test_a_budget_on_a_sliding_window_model_says_the_local_layers_keep_their_window(tiny_gguf):
     """Gemma 3's local layers keep their own window; the budget applies to the global layers"""
-    from pytriatt.cli import sliding_window_note
+    from pytriatt.cli.common import sliding_window_note
     gemma = tiny_gguf("gemma3")
     note = sliding_window_note(gemma, 32)
     assert note and "keep their own 64-token window" in note and "--budget 32 applies to its global" in note

@@ -14,7 +14,7 @@ Besides, the rows each layer writes into its K cache (the SET_ROWS into "cache_k
 exactly the post-RoPE keys checked; for a layer without RoPE (SmolLM3's NoPE layers), the
 spec says so and the cached keys are the projected keys, unrotated.
 
-Tiny random-weight models cover every architecture of pytriatt.tiny (llama, qwen2, qwen3,
+Tiny random-weight models cover every architecture of pytriatt.testing.tiny (llama, qwen2, qwen3,
 qwen3moe, granite, gemma3, gpt-oss, phi3 with LongRoPE factors, olmo2, glm4 with partial
 rotary, exaone, smollm3 with NoPE layers), plus variants whose metadata turn on linear
 scaling, YaRN and per-band rope_freqs (llama 3's); context overrides are checked too. The
@@ -233,7 +233,7 @@ def copy_gguf(src, dst, extra_kv=None, extra_tensors=None):
 
 
 def tiny(tmp_path, arch, **kw):
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
 
     return write_tiny_gguf(tmp_path / f"tiny-{arch}.gguf", arch=arch, **kw)
 

@@ -21,7 +21,7 @@ def calibrated(tmp_path_factory):
     """calibrated(arch) -> a tiny model of that architecture carrying its own TriAttention statistics."""
     from pytriatt import gguf_io
     from pytriatt.calibrate import calibrate
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
 
     made = {}
 
@@ -155,7 +155,7 @@ def test_bad_configurations_are_refused_clearly(tiny_gguf, calibrated, tmp_path)
         with pytest.raises(ValueError, match="another model"):
             ctx.set_kv_policy("tri", BUDGET, calib=calibrated("llama"))
     # a recurrent model has no cells to evict
-    from pytriatt.tiny import write_tiny_mamba_gguf
+    from pytriatt.testing.tiny import write_tiny_mamba_gguf
     mm = Model(write_tiny_mamba_gguf(tmp_path / "mamba.gguf"))
     with Context(mm, n_ctx=256) as ctx:
         with pytest.raises(ValueError, match="recurrent"):
@@ -194,7 +194,7 @@ def test_quantized_k_caches_are_read_back_through_the_hadamard_rotation(tmp_path
     from pytriatt import gguf_io
     from pytriatt.calibrate import calibrate
     from pytriatt.core import Calibration, select
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
 
     d = tmp_path_factory.mktemp("rot")
     src = write_tiny_gguf(d / "m.gguf", arch="qwen3", n_embd=256, n_head=4, n_head_kv=2, n_ff=256)  # head_dim 64
@@ -344,7 +344,7 @@ def test_a_shifted_cache_is_the_cache_of_the_kept_tokens_decoded_contiguously(ti
 def test_shift_on_a_recurrent_model_is_refused_at_attach(tmp_path):
     # (a KV cache that cannot shift, e.g. M-RoPE, is refused by the same check in init(); no tiny
     # M-RoPE model exists to test it here)
-    from pytriatt.tiny import write_tiny_mamba_gguf
+    from pytriatt.testing.tiny import write_tiny_mamba_gguf
     mm = Model(write_tiny_mamba_gguf(tmp_path / "mamba.gguf"))
     with Context(mm, n_ctx=256) as ctx:
         with pytest.raises(ValueError, match="recurrent"):

@@ -27,7 +27,7 @@ def swa_model(request, tmp_path_factory):
     sinks, YaRN and experts) carrying its own statistics."""
     from pytriatt import gguf_io
     from pytriatt.calibrate import calibrate
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
 
     d = tmp_path_factory.mktemp("swa")
     src = write_tiny_gguf(d / "g.gguf", arch=request.param, n_layer=2, sliding_window=SWA, init_scale=2.0)

@@ -433,7 +433,7 @@ def test_kv_protect_prompt_keeps_the_whole_prompt_even_when_it_spans_several_bat
 # -- position modes and the snapkv baseline ------------------------------------------------
 
 def test_kv_shift_generates_past_the_trained_context_with_positions_inside_it(tmp_path):
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
     short = write_tiny_gguf(tmp_path / "short.gguf", n_ctx_train=256)
     llm = make(short, "streaming", n_ctx=2048, kv_shift=True)
     prompt = prompt_tokens(llm, 4)

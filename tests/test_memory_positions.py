@@ -174,7 +174,7 @@ def test_eviction_is_exact_on_a_one_layer_model(tiny_gguf):
 
 
 def test_a_recurrent_memory_refuses_and_python_says_why(tmp_path):
-    from pytriatt.tiny import write_tiny_mamba_gguf
+    from pytriatt.testing.tiny import write_tiny_mamba_gguf
 
     m = Model(write_tiny_mamba_gguf(tmp_path / "tiny-mamba.gguf"))
     lc = m.lc

@@ -180,7 +180,7 @@ def test_info_reports_a_broken_calibration(tiny_gguf, tmp_path, capsys):
 def test_info_on_gemma3_and_on_a_model_without_rope(tiny_gguf, tmp_path, capsys):
     rc, out, _ = run_main(capsys, "info", str(tiny_gguf("gemma3")))
     assert rc == 0 and "sliding window 64" in out
-    from pytriatt.tiny import write_tiny_mamba_gguf
+    from pytriatt.testing.tiny import write_tiny_mamba_gguf
 
     mamba = write_tiny_mamba_gguf(tmp_path / "mamba.gguf")
     rc, out, _ = run_main(capsys, "info", str(mamba))

@@ -1,4 +1,4 @@
-"""Specification of pytriatt.tiny: tiny random-weight GGUF models that llama.cpp runs.
+"""Specification of pytriatt.testing.tiny: tiny random-weight GGUF models that llama.cpp runs.
 
 Every supported architecture must load in llama-cpp-python, decode 300 tokens
 (a batched prefill, then one token at a time) with finite logits that depend on
@@ -11,7 +11,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from pytriatt.tiny import ARCHS, tiny_vocab, write_tiny_gguf
+from pytriatt.testing.tiny import ARCHS, tiny_vocab, write_tiny_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp")
 

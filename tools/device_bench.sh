@@ -83,7 +83,7 @@ run() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
     python3 -m pip install -q --no-index --no-deps .device/wheels/*.whl
     # the model is written while CUDA compiles (disk vs cores)
-    ( python3 -m pytriatt.synth "$model" --shape "$shape" > "$out/synth.log" 2>&1; echo $? > "$out/synth.rc" ) &
+    ( python3 -m pytriatt.testing.synth "$model" --shape "$shape" > "$out/synth.log" 2>&1; echo $? > "$out/synth.rc" ) &
     local synth_pid=$!
     if [ -z "${SKIP_BUILD:-}" ]; then
         ( cd .device/llama_cpp_python &&
@@ -114,8 +114,8 @@ sys.exit(main(['bench', '$model', '--budget', '$budget', '--positions', '$positi
         { tail -20 "$out/bench.log"; exit 1; }
     python3 -c "
 import llama_cpp, json
-from pytriatt import bench
-print(bench.format_report(json.load(open('$out/bench.json'))))" | tee "$out/bench.txt"
+from pytriatt import benchmark
+print(benchmark.format_report(json.load(open('$out/bench.json'))))" | tee "$out/bench.txt"
     echo "total: $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
 }
 

@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
 CALIB_KEYS = ("version", "n_layer", "n_head", "n_freq", "q_mean_real", "q_mean_imag", "q_abs_mean",
               "calib_tokens", "calib_source", "model_fingerprint")
 
-# the tiny model every input is attached to (pytriatt.tiny defaults: 2 layers, 4 heads, 2 KV heads, head_dim 16)
+# the tiny model every input is attached to (pytriatt.testing.tiny defaults: 2 layers, 4 heads, 2 KV heads, head_dim 16)
 TINY = dict(arch="llama", n_layer=2, n_embd=64, n_head=4, n_head_kv=2)
 
 
@@ -494,14 +494,14 @@ class Target:
 
 def tiny_model(cache_dir=None) -> Path:
     """The tiny llama model the inputs are attached to (written once per cache dir)."""
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
     import hashlib
 
-    import pytriatt.tiny
+    import pytriatt.testing.tiny
     d = Path(cache_dir or os.environ.get("PYTRIATT_CACHE", Path.home() / ".cache" / "pytriatt")) / "fuzz"
     d.mkdir(parents=True, exist_ok=True)
-    # named after the writer's source: a changed pytriatt.tiny writes a new model
-    h = hashlib.sha256(Path(pytriatt.tiny.__file__).read_bytes() + repr(TINY).encode()).hexdigest()[:12]
+    # named after the writer's source: a changed pytriatt.testing.tiny writes a new model
+    h = hashlib.sha256(Path(pytriatt.testing.tiny.__file__).read_bytes() + repr(TINY).encode()).hexdigest()[:12]
     p = d / f"tiny-llama-fuzz-{h}.gguf"
     if not p.exists():
         tmp = d / f".tiny-{os.getpid()}.gguf"

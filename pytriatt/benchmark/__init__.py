@@ -5,8 +5,6 @@
     logs      llama.cpp's KV allocation log lines, captured and parsed
     rss       peak resident memory
     output    the report as text and as a plot
-
-pytriatt.bench is the same package under its older name.
 """
 
 from .harness import PolicyRun, PolicySpec, parse_policies, ratios, run_bench, run_parallel

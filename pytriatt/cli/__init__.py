@@ -24,7 +24,7 @@ import sys
 
 from .. import __version__, _llama
 from . import bench, calibrate, doctor, eval, info, models, run, serve
-from .common import CliError, resolve_model_argument, sliding_window_note  # noqa: F401  (public here before)
+from .common import resolve_model_argument
 
 # the order `pytriatt --help` lists them in
 SUBCOMMANDS = (run, calibrate, doctor, models, info, eval, bench, serve)

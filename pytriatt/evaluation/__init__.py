@@ -5,8 +5,6 @@
     nll, passkey, agree, dfs, recall, ruler
                                     one module per task; each run_* function returns result rows
     runner                          evaluate(): one task over policies and budgets; the table, the plot
-
-The older module names pytriatt.eval_common, eval_tasks, eval_recall and evaluate still import.
 """
 
 from .runner import DEFAULT_METRIC, SHIFT_POLICIES, TASKS, evaluate, format_table, plot_rows

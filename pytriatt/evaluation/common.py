@@ -3,7 +3,7 @@ attached (it evicts inside llama_decode), greedy decoding under a policy.
 
 Every task module (nll, passkey, agree, dfs, recall) builds on these; pytriatt.evaluation.runner runs a
 task over policies and budgets, pytriatt/cli/eval.py is the command line. The evaluation text and its
-tokens come from pytriatt.corpus (re-exported here; default_text is corpus.eval_text).
+tokens come from pytriatt.corpus.
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .. import _llama
-# the evaluation text comes from pytriatt.corpus (default_text here is corpus.eval_text)
-from ..corpus import EVAL_TEXT_OFFSET, read_text, text_tokens  # noqa: F401
-from ..corpus import eval_text as default_text  # noqa: F401
-from ..errors import EvalError  # noqa: F401
+# the task modules take read_text and text_tokens from here, with the rest of their shared pieces
+from ..corpus import read_text, text_tokens  # noqa: F401
+from ..errors import EvalError
 
 # policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
 # snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens

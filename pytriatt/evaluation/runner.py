@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from . import common as eval_common
+from . import common
 from ..errors import UserError
 from ..policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, validate
 from .common import EvalError, check_supported, model_name, policy_settings, say, split_policy
@@ -33,21 +33,21 @@ def evaluate(model_path, task: str, policies: Sequence[str], budgets: Sequence[i
              progress: bool = True, calib=None, calib_tokens: Optional[int] = None, name: Optional[str] = None,
              runtime: Optional[dict] = None, **opts) -> List[dict]:
     """Run one task for every policy and budget (full once); returns the result rows.
-    runtime: llama.cpp settings of every model and context the task opens (eval_common.RUNTIME's keys:
+    runtime: llama.cpp settings of every model and context the task opens (common.RUNTIME's keys:
     n_gpu_layers, n_threads, type_k, type_v, flash_attn)."""
-    saved = dict(eval_common.RUNTIME)
-    eval_common.RUNTIME.update(runtime or {})
+    saved = dict(common.RUNTIME)
+    common.RUNTIME.update(runtime or {})
     try:
         return _evaluate(model_path, task, policies, budgets, shift=shift, progress=progress, calib=calib,
                          calib_tokens=calib_tokens, name=name, **opts)
     finally:
-        eval_common.RUNTIME.clear()
-        eval_common.RUNTIME.update(saved)
+        common.RUNTIME.clear()
+        common.RUNTIME.update(saved)
 
 
 def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, calib_tokens, name, **opts):
     from . import agree as agree_task, dfs as dfs_task, nll as nll_task, passkey as passkey_task
-    from . import recall as eval_recall, ruler as ruler_task
+    from . import recall as recall_task, ruler as ruler_task
 
     if task not in TASKS:
         raise EvalError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
@@ -70,7 +70,7 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
     name = name or model_name(model_path)
     if task == "recall":
         # recall computes every choice in NumPy/the core: no llama.cpp policy is attached
-        known = set(eval_recall.RECALL_POLICIES) | set(eval_recall.TRI_ABLATIONS) | set(eval_recall.PERHEAD_POLICIES)
+        known = set(recall_task.RECALL_POLICIES) | set(recall_task.TRI_ABLATIONS) | set(recall_task.PERHEAD_POLICIES)
         bad = [p for p in policies if p not in known]
         if bad:
             raise EvalError(f"unknown policy {bad[0]!r} for recall (known: {', '.join(sorted(known))})")
@@ -78,14 +78,14 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
     if needs_tri and calib is None:
         from ..calibrate import QUICK_TOKENS, ensure_calibrated
         calib = ensure_calibrated(model_path, tokens=calib_tokens or QUICK_TOKENS, progress=progress,
-                                  n_gpu_layers=eval_common.RUNTIME["n_gpu_layers"])
+                                  n_gpu_layers=common.RUNTIME["n_gpu_layers"])
     opts = dict(opts, calib=calib, name=name)
 
     if task == "recall":
         if shift:
             say(progress, "recall: positions do not matter to a one-shot choice; --shift ignored")
         t0 = time.perf_counter()
-        rows = eval_recall.run_recall(model_path, list(policies), budgets, progress=progress, **opts)
+        rows = recall_task.run_recall(model_path, list(policies), budgets, progress=progress, **opts)
         say(progress, f"recall: {time.perf_counter() - t0:.1f} s")
         return rows
 

@@ -2,6 +2,4 @@
 
     tiny    tiny random-weight GGUF models of many architectures (tests, docs examples, the fuzzer)
     synth   random-weight models of real shapes (Qwen3-8B, ...) for speed measurements
-
-pytriatt.tiny and pytriatt.synth are the same modules under their older names.
 """

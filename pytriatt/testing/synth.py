@@ -8,12 +8,12 @@ random offset per tensor, the scale chosen so that a weight's standard deviation
 activations stay finite through the layers). An 8.7 GB Qwen3-8B-shaped file takes about as long as the
 disk needs to write it.
 
-The vocabulary is pytriatt.tiny's (any text tokenizes) padded with unused tokens to the real vocabulary
-size, so the output layer costs what the real one costs.
+The vocabulary is pytriatt.testing.tiny's (any text tokenizes) padded with unused tokens to the real
+vocabulary size, so the output layer costs what the real one costs.
 
-    python -m pytriatt.synth /tmp/qwen3-8b-q8.gguf                       # Qwen3-8B shape, Q8_0
-    python -m pytriatt.synth /tmp/small.gguf --shape small
-    python -m pytriatt.synth /tmp/m.gguf --shape qwen3-8b --n-layer 4    # any field overridden
+    python -m pytriatt.testing.synth /tmp/qwen3-8b-q8.gguf                       # Qwen3-8B shape, Q8_0
+    python -m pytriatt.testing.synth /tmp/small.gguf --shape small
+    python -m pytriatt.testing.synth /tmp/m.gguf --shape qwen3-8b --n-layer 4    # any field overridden
 """
 
 from __future__ import annotations
@@ -89,7 +89,8 @@ def write_synth_gguf(path: Union[str, os.PathLike], shape: Union[str, dict] = "q
 
     w = gguf.GGUFWriter(str(path), s["arch"])
     w.add_name(f"synth-{name}")
-    w.add_description(f"random Q8_0 weights of the {name} shape, for speed measurements (pytriatt.synth, seed={seed})")
+    w.add_description(f"random Q8_0 weights of the {name} shape, for speed measurements "
+                      f"(pytriatt.testing.synth, seed={seed})")
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
     w.add_context_length(s["n_ctx_train"])
     w.add_embedding_length(s["n_embd"])
@@ -159,7 +160,7 @@ def write_synth_gguf(path: Union[str, os.PathLike], shape: Union[str, dict] = "q
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pytriatt.synth", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m pytriatt.testing.synth", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("output", help="GGUF file to write")
     ap.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES), help="model shape (default qwen3-8b)")

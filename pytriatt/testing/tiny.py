@@ -50,7 +50,7 @@ SentencePiece's leading-space rule. All architectures share it.
 
 Usage::
 
-    from pytriatt.tiny import write_tiny_gguf
+    from pytriatt.testing.tiny import write_tiny_gguf
     path = write_tiny_gguf(tmp_path / "m.gguf", "gemma3", n_layer=2)
 """
 
@@ -341,7 +341,7 @@ def write_tiny_gguf(
     path, w = _writer(path, arch, name, n_ctx=n_ctx_train, n_embd=n_embd, n_layer=n_layer, n_ff=n_ff, n_head=n_head)
 
     # ---- metadata -------------------------------------------------------
-    w.add_description(f"tiny random-weight {arch} model for tests (pytriatt.tiny, seed={seed})")
+    w.add_description(f"tiny random-weight {arch} model for tests (pytriatt.testing.tiny, seed={seed})")
     w.add_file_type(
         {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
