@@ -4,6 +4,7 @@
 #include "llama-triatt-policy.h"
 #include "llama-triatt-calib.h"
 #include "llama-triatt-kv.h"
+#include "triatt-policy.h"
 
 #include "llama-batch.h"
 #include "llama-context.h"
@@ -30,64 +31,48 @@ llama_kv_policy::~llama_kv_policy() {
     triatt_selector_free(selector);
 }
 
-namespace {
+static_assert((int) LLAMA_KV_POLICY_FULL == TRIATT_POLICY_FULL && (int) LLAMA_KV_POLICY_TRI == TRIATT_POLICY_TRI &&
+              (int) LLAMA_KV_POLICY_STREAMING == TRIATT_POLICY_STREAMING &&
+              (int) LLAMA_KV_POLICY_RANDOM == TRIATT_POLICY_RANDOM && (int) LLAMA_KV_POLICY_SNAPKV == TRIATT_POLICY_SNAPKV &&
+              (int) LLAMA_KV_POLICY_SNAPKV + 1 == TRIATT_POLICY_COUNT, "llama_kv_policy_type is triatt_policy_type");
+static_assert((int) LLAMA_KV_POLICY_SHARED == TRIATT_GRANULARITY_SHARED &&
+              (int) LLAMA_KV_POLICY_PER_KV_HEAD == TRIATT_GRANULARITY_HEAD &&
+              (int) LLAMA_KV_POLICY_PER_LAYER_HEAD == TRIATT_GRANULARITY_LAYER &&
+              (int) LLAMA_KV_POLICY_PER_LAYER_HEAD + 1 == TRIATT_GRANULARITY_COUNT,
+              "llama_kv_policy_granularity is triatt_granularity");
 
-// streaming and random rank without scores
-struct llama_kv_scorer_none : llama_kv_scorer {
-    triatt_rank by;
-
-    explicit llama_kv_scorer_none(triatt_rank by) : by(by) {}
-
-    triatt_rank rank() const override {
-        return by;
-    }
-
-    bool score(const triatt_round_cands &, std::vector<float> &, std::string &) override {
-        return true;
-    }
-};
-
-} // namespace
-
-llama_kv_scorer_ptr triatt_scorer_none_init(triatt_rank rank) {
-    return std::make_unique<llama_kv_scorer_none>(rank);
+// the contract's view of the C parameters (triatt-policy.h owns the defaults and the rules)
+static triatt_policy_settings triatt_settings_of(const llama_kv_policy_params & p) {
+    triatt_policy_settings s;
+    s.type        = (int32_t) p.type;
+    s.budget      = p.budget;
+    s.interval    = p.interval;
+    s.n_sink      = p.n_sink;
+    s.n_window    = p.n_window;
+    s.horizon     = p.horizon;
+    s.snap_window = p.snap_window;
+    s.granularity = (int32_t) p.granularity;
+    s.shift       = p.shift;
+    return s;
 }
 
 static const char * triatt_policy_name(llama_kv_policy_type type) {
-    switch (type) {
-        case LLAMA_KV_POLICY_FULL:      return "full";
-        case LLAMA_KV_POLICY_TRI:       return "tri";
-        case LLAMA_KV_POLICY_STREAMING: return "streaming";
-        case LLAMA_KV_POLICY_RANDOM:    return "random";
-        case LLAMA_KV_POLICY_SNAPKV:    return "snapkv";
-    }
-    return "?";
+    const triatt_policy_info * info = triatt_policy_get((int32_t) type);
+    return info ? info->name : "?";
 }
 
 bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p_in) {
-    if (p_in.n_window < -1 || p_in.horizon < -1 || p_in.horizon == 0) {
-        error = "KV policy: window must be >= 0 and horizon >= 1 (-1 for either: the default rule)";
+    const std::string why = triatt_policy_check(triatt_settings_of(p_in), 0, "");
+    if (!why.empty()) {
+        error = "KV policy: " + why;
         return false;
     }
     params      = llama_kv_policy_resolve(&p_in);
     window_rule = p_in.n_window < 0;
     const llama_kv_policy_params & p = params;
-    if (p.type == LLAMA_KV_POLICY_FULL) {
+    const triatt_policy_info & info = *triatt_policy_get((int32_t) p.type);
+    if (!info.evicts) {
         return true;
-    }
-    if (p.type != LLAMA_KV_POLICY_TRI && p.type != LLAMA_KV_POLICY_STREAMING && p.type != LLAMA_KV_POLICY_RANDOM &&
-        p.type != LLAMA_KV_POLICY_SNAPKV) {
-        error = "unknown KV policy type " + std::to_string((int) p.type);
-        return false;
-    }
-    if (p.budget < 1 || p.interval < 1 || p.n_sink < 0 || p.n_window < 0) {
-        error = "KV policy: budget and interval must be >= 1, sink and window >= 0";
-        return false;
-    }
-    if (p.n_sink + std::max(p.n_window, 1) > p.budget) {
-        error = "KV policy: the protected tokens (sink " + std::to_string(p.n_sink) + " + window " +
-                std::to_string(std::max(p.n_window, 1)) + ") exceed the budget " + std::to_string(p.budget);
-        return false;
     }
     llama_kv_cache * kv = triatt_full_cache(ctx);
     if (!kv) {
@@ -122,7 +107,7 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     force_move_graph  = getenv("PYTRIATT_MOVE_BACKEND") && strcmp(getenv("PYTRIATT_MOVE_BACKEND"), "1") == 0;
 
     const ggml_type tk = kv->type_k();
-    const bool scores_keys = p.type == LLAMA_KV_POLICY_TRI || p.type == LLAMA_KV_POLICY_SNAPKV;
+    const bool scores_keys = info.rank == TRIATT_RANK_SCORES;
     if (scores_keys && hp.is_mla()) {
         error = std::string("KV policy ") + triatt_policy_name(p.type) + ": this model (" + llm_arch_name(model.arch) +
                 ") uses multi-head latent attention: its cache holds a compressed latent, not per-head keys, so "
@@ -137,12 +122,7 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
     }
 
     const triatt_score_shape shape = { layers, n_head, n_head_kv, head_dim };
-    switch (p.type) {
-        case LLAMA_KV_POLICY_TRI:       scorer = triatt_scorer_tri_init(ctx, p, shape, error);    break;
-        case LLAMA_KV_POLICY_SNAPKV:    scorer = triatt_scorer_snapkv_init(ctx, p, shape, error); break;
-        case LLAMA_KV_POLICY_STREAMING: scorer = triatt_scorer_none_init(TRIATT_RANK_RECENT);     break;
-        default:                        scorer = triatt_scorer_none_init(TRIATT_RANK_RANDOM);     break;
-    }
+    scorer = llama_kv_scorer_init(info.name, ctx, p, shape, error);
     return scorer != nullptr;
 }
 
@@ -150,20 +130,8 @@ bool llama_kv_policy::init(llama_context & ctx, const llama_kv_policy_params & p
 bool llama_kv_policy::init_per_head(llama_kv_cache & kv, const llama_model & model) {
     const auto & hp = model.hparams;
     const llama_kv_policy_params & p = params;
-    if (p.granularity != LLAMA_KV_POLICY_PER_KV_HEAD && p.granularity != LLAMA_KV_POLICY_PER_LAYER_HEAD) {
-        error = "KV policy: unknown granularity " + std::to_string((int) p.granularity);
-        return false;
-    }
-    if (p.type != LLAMA_KV_POLICY_TRI && p.type != LLAMA_KV_POLICY_SNAPKV) {
-        error = std::string("KV policy ") + triatt_policy_name(p.type) + ": per-head eviction ranks tokens per head, "
-                "which only tri and snapkv do (streaming and random keep the same tokens in every head)";
-        return false;
-    }
-    if (p.shift) {
-        error = "KV policy: per-head eviction cannot shift positions (a cell holds a different token in each head, "
-                "so no single shift re-rotates it correctly): keep the gaps (shift off) or use shared eviction";
-        return false;
-    }
+    // the contract (triatt_policy_check) has refused per-head for policies without scores and with shift
+    GGML_ASSERT(triatt_policy_get((int32_t) p.type)->per_head && !p.shift);
     if (hp.use_alibi) {
         error = "KV policy: per-head eviction needs the cached keys to carry their positions (RoPE); this model uses "
                 "ALiBi, whose bias is computed from the cell's position: use shared eviction";
@@ -423,62 +391,56 @@ bool llama_kv_policy_before_batch(llama_kv_policy & policy, llama_context & ctx,
 
 struct llama_kv_policy_params llama_kv_policy_resolve(const struct llama_kv_policy_params * params) {
     llama_kv_policy_params p = *params;
-    if (p.n_window < 0) {
-        // the rule is tri's (it answers the long-horizon ranking's blind spot); the baselines keep their
-        // published form: the newest token only
-        p.n_window = p.type == LLAMA_KV_POLICY_TRI ? (int32_t) triatt_default_window(p.budget, p.n_sink, p.interval) : 1;
-    }
-    if (p.horizon < 0) {
-        p.horizon = (int32_t) triatt_default_horizon(p.budget, p.interval);
-    }
+    const triatt_policy_settings r = triatt_policy_resolve(triatt_settings_of(p));
+    p.n_window = r.n_window;
+    p.horizon  = r.horizon;
     return p;
 }
 
 struct llama_kv_policy_params llama_kv_policy_default_params(void) {
+    const triatt_policy_settings d; // the contract's defaults
     llama_kv_policy_params p = {};
-    p.type           = LLAMA_KV_POLICY_FULL;
-    p.budget         = 2048;
-    p.interval       = 128;
-    p.n_sink         = 4;    // the default of llama.cpp's --kv-sink, Llama(kv_sink=) and pytriatt
-    p.n_window       = -1;   // the default rule (llama_kv_policy_resolve)
+    p.type           = (enum llama_kv_policy_type) d.type;
+    p.budget         = d.budget;
+    p.interval       = d.interval;
+    p.n_sink         = d.n_sink;
+    p.n_window       = d.n_window;
     p.protect_prompt = false;
-    p.shift          = false;
+    p.shift          = d.shift;
     p.kv_agg_mean    = false;
     p.seed           = 0;
     p.n_threads      = 0;
-    p.snap_window    = 32;
+    p.snap_window    = d.snap_window;
     p.calib_path     = nullptr;
-    p.granularity    = LLAMA_KV_POLICY_SHARED;
-    p.horizon        = -1;   // the default rule (llama_kv_policy_resolve)
+    p.granularity    = (enum llama_kv_policy_granularity) d.granularity;
+    p.horizon        = d.horizon;
     return p;
 }
 
-// indexed by enum llama_kv_policy_type
-static const char * const triatt_policy_names[] = { "full", "tri", "streaming", "random", "snapkv" };
-static_assert(sizeof(triatt_policy_names) / sizeof(triatt_policy_names[0]) == LLAMA_KV_POLICY_SNAPKV + 1,
-              "one name per policy type");
+int32_t llama_kv_policy_check(const struct llama_kv_policy_params * params, int32_t n_ctx, const char * prefix,
+                              char * buf, size_t buf_size) {
+    const std::string why = params ? triatt_policy_check(triatt_settings_of(*params), n_ctx, prefix)
+                                   : std::string("no parameters");
+    if (buf && buf_size > 0) {
+        snprintf(buf, buf_size, "%s", why.c_str());
+    }
+    return (int32_t) why.size();
+}
 
 const char * llama_kv_policy_type_name(enum llama_kv_policy_type type) {
-    const int32_t n = (int32_t) (sizeof(triatt_policy_names) / sizeof(triatt_policy_names[0]));
-    return (int32_t) type >= 0 && (int32_t) type < n ? triatt_policy_names[type] : nullptr;
+    const triatt_policy_info * info = triatt_policy_get((int32_t) type);
+    return info ? info->name : nullptr;
 }
 
 int32_t llama_kv_policy_type_from_name(const char * name) {
-    for (int32_t t = 0; name && llama_kv_policy_type_name((enum llama_kv_policy_type) t); ++t) {
-        if (strcmp(name, triatt_policy_names[t]) == 0) {
-            return t;
-        }
-    }
-    return -1;
+    return triatt_policy_from_name(name);
 }
 
 int32_t llama_kv_policy_n_cells(const struct llama_kv_policy_params * params, int32_t n_batch) {
     if (!params) {
         return -1;
     }
-    // a round runs before a batch that would take the sequence past budget + interval, so the cache must
-    // hold the budget plus one interval, or plus one whole batch when batches are longer
-    return std::max(params->budget, 1) + std::max({ params->interval, n_batch, 1 });
+    return (int32_t) triatt_policy_n_cells(params->budget, params->interval, n_batch);
 }
 
 uint32_t llama_kv_policy_n_cells_swa(const struct llama_model * model, const struct llama_context_params * cparams) {

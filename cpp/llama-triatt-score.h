@@ -55,20 +55,16 @@ struct triatt_score_shape {
     int32_t head_dim  = 0;
 };
 
-// streaming (TRIATT_RANK_RECENT) and random (TRIATT_RANK_RANDOM): no scores
-llama_kv_scorer_ptr triatt_scorer_none_init(triatt_rank rank);
+// The scorer a policy's rounds use, made by the registry (llama-triatt-score.cpp) from the policy's name in
+// the contract (triatt-policy.h): one that gives no scores for a policy that ranks without them, else the
+// registered one; null with err set when it cannot run here (e.g. tri's statistics belong to another
+// model). A new policy is a row of the contract's table and, if it ranks by scores, a scorer file
+// (llama-triatt-score-NAME.cpp) with its line in the registry.
+llama_kv_scorer_ptr llama_kv_scorer_init(const char * name, llama_context & ctx, const llama_kv_policy_params & p,
+                                       const triatt_score_shape & shape, std::string & err);
 
-// tri: TriAttention scores of the cached keys with the statistics of p.calib_path; null with err set when
-// the statistics cannot be used with this model (llama-triatt-score-tri.cpp)
-llama_kv_scorer_ptr triatt_scorer_tri_init(llama_context & ctx, const llama_kv_policy_params & p,
-                                           const triatt_score_shape & shape, std::string & err);
-
-// snapkv: the attention the p.snap_window most recent queries paid each cached key; the queries are
-// captured by triatt_snapkv_cb_eval, which the context must run as its eval callback with the scorer as
-// user data (llama-triatt-score-snapkv.cpp)
-llama_kv_scorer_ptr triatt_scorer_snapkv_init(llama_context & ctx, const llama_kv_policy_params & p,
-                                              const triatt_score_shape & shape, std::string & err);
-
+// snapkv's queries are captured by triatt_snapkv_cb_eval, which the context must run as its eval callback with
+// the scorer as user data (llama-triatt-score-snapkv.cpp)
 bool triatt_snapkv_cb_eval(struct ggml_tensor * t, bool ask, void * user_data);
 
 // the user's eval callback the snapkv scorer chains to: set it, or read it back from the user data of an

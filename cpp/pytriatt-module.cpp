@@ -8,6 +8,7 @@
 #include <pybind11/stl.h>
 
 #include "triatt-core.h"
+#include "triatt-policy.h"
 
 #include <memory>
 #include <mutex>
@@ -266,9 +267,52 @@ PYBIND11_MODULE(_core, m) {
         .def_readwrite("n_ctx_orig", &triatt_rope_layer::n_ctx_orig)
         .def_readwrite("freq_factors", &triatt_rope_layer::freq_factors);
 
+    // the policy contract (triatt-policy.h): pytriatt.policy reads the names, defaults and rules from here
+    py::class_<triatt_policy_settings>(m, "PolicySettings",
+                                       "A policy's numeric parameters with the defaults (struct triatt_policy_settings).")
+        .def(py::init<>())
+        .def_readwrite("type", &triatt_policy_settings::type)
+        .def_readwrite("budget", &triatt_policy_settings::budget)
+        .def_readwrite("interval", &triatt_policy_settings::interval)
+        .def_readwrite("sink", &triatt_policy_settings::n_sink)
+        .def_readwrite("window", &triatt_policy_settings::n_window)
+        .def_readwrite("horizon", &triatt_policy_settings::horizon)
+        .def_readwrite("snap_window", &triatt_policy_settings::snap_window)
+        .def_readwrite("granularity", &triatt_policy_settings::granularity)
+        .def_readwrite("shift", &triatt_policy_settings::shift);
+    m.def("policy_table", [] {
+        py::list rows;
+        for (int32_t t = 0; const triatt_policy_info * p = triatt_policy_get(t); ++t) {
+            py::dict row;
+            row["name"] = p->name;
+            row["evicts"] = p->evicts;
+            row["rank"] = (int) p->rank;
+            row["scores_keys"] = p->rank == TRIATT_RANK_SCORES;
+            row["per_head"] = p->per_head;
+            row["needs_calib"] = p->needs_calib;
+            row["summary"] = p->summary;
+            rows.append(row);
+        }
+        return rows;
+    }, "The policies in type order: [{name, evicts, rank, scores_keys, per_head, needs_calib, summary}].");
+    m.def("granularity_names", [] {
+        std::vector<std::string> names;
+        for (int32_t g = 0; const char * name = triatt_granularity_name(g); ++g) {
+            names.emplace_back(name);
+        }
+        return names;
+    }, "The granularities in enum order (shared, head, layer).");
+    m.def("policy_resolve", &triatt_policy_resolve, py::arg("settings"),
+          "The settings with window and horizon of -1 replaced by the default rules.");
+    m.def("policy_check", [](const triatt_policy_settings & s, int64_t n_ctx, const std::string & prefix) {
+        return triatt_policy_check(s, n_ctx, prefix.c_str());
+    }, py::arg("settings"), py::arg("n_ctx"), py::arg("prefix"),
+          "'' when the settings can run, else what is wrong, options spelled with prefix ('--', 'kv_', '').");
+    m.def("policy_n_cells", &triatt_policy_n_cells, py::arg("budget"), py::arg("interval"), py::arg("n_batch"),
+          "KV cells one sequence needs (triatt_policy_n_cells).");
     m.def("default_window", &triatt_default_window, py::arg("budget"), py::arg("sink"), py::arg("interval"),
           "The recent window a tri round protects by default (triatt_default_window).");
-    m.def("default_horizon", &triatt_default_horizon, py::arg("budget"), py::arg("interval"),
+    m.def("default_horizon", &triatt_default_horizon,
           "The horizon (largest future distance) tri scores with by default (triatt_default_horizon).");
 
     m.def("kernel_name", &triatt_kernel_name, "The scoring kernel in use: 'avx2' or 'generic'.");

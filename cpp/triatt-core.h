@@ -178,14 +178,6 @@ bool triatt_force_generic_kernel(bool force);
 // Ranking and selection
 // ---------------------------------------------------------------------------
 
-// The default protections of a tri round (docs/method.md, "The default"): the recent window a round never
-// evicts, and the horizon (offsets_max) its scores average over, for a budget, a sink and a round interval.
-// A round keeps a key until the next round re-scores it, `interval` tokens later; the queries of that
-// interval read the newest tokens most (local attention), which the long-horizon score undervalues, so the
-// newest min(interval, (budget - sink) / 2) tokens are kept outright (at least 1), leaving at least half of
-// the budget to the score.
-int64_t triatt_default_window(int64_t budget, int64_t n_sink, int64_t interval);
-int64_t triatt_default_horizon(int64_t budget, int64_t interval);
 
 
 struct triatt_select_params {

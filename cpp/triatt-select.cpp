@@ -307,14 +307,3 @@ int64_t triatt_select(
     }
     return n_keep;
 }
-
-int64_t triatt_default_window(int64_t budget, int64_t n_sink, int64_t interval) {
-    const int64_t w = std::min(interval, (budget - n_sink) / 2);
-    return std::max<int64_t>(w, 1);
-}
-
-int64_t triatt_default_horizon(int64_t budget, int64_t interval) {
-    (void) budget;
-    (void) interval;
-    return TRIATT_DEFAULT_OFFSETS_MAX;
-}

@@ -22,7 +22,8 @@ PATCH_SYMBOLS = {
     "memory positions": ("llama_memory_seq_positions", "llama_memory_seq_rm_positions"),
     "calibration capture": ("llama_triatt_capture_init", "llama_triatt_capture_cb_eval",
                             "llama_triatt_capture_get"),
-    "kv policy": ("llama_set_kv_policy", "llama_get_kv_policy_stats", "llama_kv_policy_last_error"),
+    "kv policy": ("llama_set_kv_policy", "llama_get_kv_policy_stats", "llama_kv_policy_last_error",
+                  "llama_kv_policy_check"),
 }
 
 

@@ -16,7 +16,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from . import _llama
-from .policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES, KV_CACHE_TYPES, c_params, granularity  # noqa: F401  (GRANULARITIES, granularity: public here before)
+from .policy import (DEFAULT_BUDGET, DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_SNAP_WINDOW, DEFAULT_WINDOW,
+                     EVICTING, KV_CACHE_TYPES, c_params, validate)
 
 _backend_ready = False
 
@@ -151,13 +152,13 @@ class Context:
         self.lc = lc
         self.batch = lc.llama_batch_init(n_batch, 0, 1)
 
-    def set_kv_policy(self, policy: str = "tri", budget: int = 2048, *, interval: int = DEFAULT_INTERVAL,
+    def set_kv_policy(self, policy: str = "tri", budget: int = DEFAULT_BUDGET, *, interval: int = DEFAULT_INTERVAL,
                       sink: int = DEFAULT_SINK, window: int = DEFAULT_WINDOW, protect_prompt: bool = False,
                       kv_agg: str = "max", seed: int = 0,
                       calib: Optional[str | os.PathLike] = None, n_threads: int = 0, shift: bool = False,
-                      snap_window: int = 32, per_head: Union[bool, str] = False,
+                      snap_window: int = DEFAULT_SNAP_WINDOW, per_head: Union[bool, str] = False,
                       horizon: int = DEFAULT_HORIZON) -> None:
-        """Attach an eviction policy ("full", "tri", "streaming", "random", "snapkv") run inside llama_decode.
+        """Attach an eviction policy (a name of pytriatt.policy.POLICIES) run inside llama_decode.
 
         tri needs `calib`: a GGUF carrying this model's statistics (default: the model file itself).
         window / horizon: -1 (default) for libllama's rules (pytriatt.policy.resolved_window/_horizon).
@@ -166,7 +167,8 @@ class Context:
         per_head (tri, snapkv): True or "head": every KV head keeps its own tokens (one set per KV head,
         shared by the layers); "layer": one set per KV head of each layer; False: one set for all."""
         lc = _llama.require_patched("kv policy")
-        if policy == "full":
+        if policy not in EVICTING:
+            validate(policy, None)   # an unknown name is refused; full attention takes no parameters
             p = lc.llama_kv_policy_default_params()
             p.type = lc.LLAMA_KV_POLICY_FULL
         else:

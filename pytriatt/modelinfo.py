@@ -335,19 +335,23 @@ def support_report(path) -> Dict[str, Any]:
     arch = m.get("architecture") or "?"
     rep: Dict[str, Any] = {"file": str(path), "architecture": arch, "supported": bool(m.get("supported")),
                            "notes": list(m.get("notes") or [])}
+    from .policy import CALIBRATED_POLICIES, EVICTING, SCORING_POLICIES
     if arch in ("mamba", "mamba2", "rwkv6", "rwkv6qwen2", "rwkv7", "arwkv7"):
         why = f"{arch} keeps a recurrent state, not a KV cache of tokens: token eviction does not apply"
-        rep.update(supported=False, reason=why, policies={p: why for p in ("tri", "snapkv", "streaming", "random")})
+        rep.update(supported=False, reason=why, policies={p: why for p in EVICTING})
         return rep
     if not rep["supported"]:
         rep["reason"] = m.get("unsupported_reason")
         if "latent attention" in (rep["reason"] or ""):
+            # the policies that score keys need per-head keys
             why = "MLA: the cache holds a compressed latent shared by the heads, no per-head keys to score"
-            rep["policies"] = {"tri": why, "snapkv": why, "streaming": "yes", "random": "yes"}
+            refused = SCORING_POLICIES
         else:
-            rep["policies"] = {"tri": rep["reason"], "snapkv": "yes", "streaming": "yes", "random": "yes"}
+            # what TriAttention cannot read here concerns the policies scored with its calibration
+            why, refused = rep["reason"], CALIBRATED_POLICIES
+        rep["policies"] = {p: why if p in refused else "yes" for p in EVICTING}
         return rep
-    rep["policies"] = {p: "yes" for p in ("tri", "snapkv", "streaming", "random")}
+    rep["policies"] = {p: "yes" for p in EVICTING}
     return rep
 
 

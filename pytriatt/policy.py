@@ -1,9 +1,9 @@
-"""The KV eviction policy contract: the names, options and defaults every entry point shares.
+"""The KV eviction policy contract as Python sees it: the C++ core's (cpp/triatt-policy.h) table, defaults
+and rules, read from pytriatt._core.
 
-`pytriatt run/serve/eval/bench`, `pytriatt.context.Context.set_kv_policy` and the
-evaluation harness all validate and build a policy here, so the rules (which policy
-takes which option, how many cells a budget needs) have one owner. The C side
-(llama_kv_policy_params in the patched llama.h) is the same contract in C.
+`pytriatt run/serve/eval/bench`, `pytriatt.context.Context.set_kv_policy` and the evaluation harness
+validate and build a policy here; libllama, llama.cpp's --kv-* flags and Llama(kv_*=) read the same core
+through llama_kv_policy_check, so every front end accepts and refuses the same settings with one message.
 """
 
 from __future__ import annotations
@@ -12,24 +12,30 @@ import ctypes
 import os
 from typing import Optional, Union
 
+from . import _core
 from .errors import UserError
 
-POLICIES = ("full", "tri", "streaming", "random", "snapkv")
-EVICTING = POLICIES[1:]
-PER_HEAD_POLICIES = ("tri", "snapkv")     # the policies that rank tokens, so can rank them per head
+_TABLE = tuple(_core.policy_table())
+POLICIES = tuple(row["name"] for row in _TABLE)                        # in llama_kv_policy_type order
+EVICTING = tuple(row["name"] for row in _TABLE if row["evicts"])
+SCORING_POLICIES = tuple(row["name"] for row in _TABLE if row["scores_keys"])
+PER_HEAD_POLICIES = tuple(row["name"] for row in _TABLE if row["per_head"])
+CALIBRATED_POLICIES = tuple(row["name"] for row in _TABLE if row["needs_calib"])
+SUMMARIES = {row["name"]: row["summary"] for row in _TABLE}
 
-DEFAULT_INTERVAL = 128
-DEFAULT_SINK = 4
-# -1: the default rules of libllama's llama_kv_policy_resolve, whose values pytriatt._core computes
-# (triatt_default_window / triatt_default_horizon; resolved_window / resolved_horizon below)
-DEFAULT_WINDOW = -1
-DEFAULT_HORIZON = -1
-PAPER_HORIZON = 65536    # the TriAttention paper's D = {1, 2, 4, ..., 2^16}
+_DEFAULTS = _core.PolicySettings()
+DEFAULT_BUDGET = _DEFAULTS.budget
+DEFAULT_INTERVAL = _DEFAULTS.interval
+DEFAULT_SINK = _DEFAULTS.sink
+DEFAULT_WINDOW = _DEFAULTS.window        # -1: the rule (resolved_window)
+DEFAULT_HORIZON = _DEFAULTS.horizon      # -1: the rule (resolved_horizon)
+DEFAULT_SNAP_WINDOW = _DEFAULTS.snap_window
+PAPER_HORIZON = int(_core.DEFAULT_OFFSETS_MAX)    # the TriAttention paper's D = {1, 2, 4, ..., 2^16}
 # named settings of a policy (`pytriatt eval --policies tri/paper`): the paper's exact protections
 PRESETS = {"paper": dict(window=1, horizon=PAPER_HORIZON)}
 
 # llama_kv_policy_params.granularity: what per_head= / kv_per_head= / --per-head / tri@... accept
-GRANULARITIES = {"shared": 0, "head": 1, "layer": 2}
+GRANULARITIES = {name: value for value, name in enumerate(_core.granularity_names())}
 
 # KV cache types: ggml type id, bytes per block, values per block (ggml.h / ggml.c type traits)
 KV_CACHE_TYPES = {
@@ -51,11 +57,10 @@ def granularity(per_head: Union[bool, str, None]) -> int:
 
 def cells_needed(lc, budget: int, interval: int, n_batch: int) -> int:
     """KV cells a sequence under an evicting policy needs: the budget, plus the tokens that arrive before
-    the next round (an interval, or a whole batch when a batch is longer). libllama owns the rule
-    (llama_kv_policy_n_cells, which llama.cpp's common and Llama(kv_policy=...) use too)."""
-    p = lc.llama_kv_policy_default_params()
-    p.budget, p.interval = int(budget), int(interval)
-    return int(lc.llama_kv_policy_n_cells(ctypes.byref(p), int(n_batch)))
+    the next round (an interval, or a whole batch when a batch is longer); the core's rule, which libllama's
+    llama_kv_policy_n_cells (used by llama.cpp's common and Llama) returns too."""
+    del lc  # the rule is the core's; the argument stays for the callers that size a context with libllama
+    return int(_core.policy_n_cells(int(budget), int(interval), int(n_batch)))
 
 
 def cells_needed_swa(lc, model_ptr, n_ubatch: int, n_seq: int = 1) -> int:
@@ -66,61 +71,57 @@ def cells_needed_swa(lc, model_ptr, n_ubatch: int, n_seq: int = 1) -> int:
     return int(lc.llama_kv_policy_n_cells_swa(model_ptr, ctypes.byref(p)))
 
 
+def settings(policy: str, budget: Optional[int] = None, *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
+             window: int = DEFAULT_WINDOW, horizon: int = DEFAULT_HORIZON, per_head: Union[bool, str, None] = None,
+             shift: bool = False, snap_window: Optional[int] = None) -> "_core.PolicySettings":
+    """The core's settings struct for these options (policy: a known name)."""
+    s = _core.PolicySettings()
+    s.type = POLICIES.index(policy)
+    if budget is not None:
+        s.budget = int(budget)
+    s.interval, s.sink, s.window, s.horizon = int(interval), int(sink), int(window), int(horizon)
+    s.granularity, s.shift = granularity(per_head), bool(shift)
+    if snap_window is not None:
+        s.snap_window = int(snap_window)
+    return s
+
+
 def resolved_window(policy: str, budget: int, sink: int = DEFAULT_SINK, interval: int = DEFAULT_INTERVAL,
                     window: int = DEFAULT_WINDOW) -> int:
-    """The recent window a policy protects: window itself, or for -1 the rule (tri: min(interval,
-    (budget - sink) / 2), at least 1; the other policies: 1), computed by the C++ core as libllama does."""
-    if window >= 0:
-        return window
-    from . import _core
-    return int(_core.default_window(budget, sink, interval)) if policy == "tri" else 1
+    """The recent window a policy protects: window itself, or for -1 the core's rule (as libllama resolves it)."""
+    return int(_core.policy_resolve(settings(policy, budget, sink=sink, interval=interval, window=window)).window)
 
 
 def resolved_horizon(budget: int, interval: int = DEFAULT_INTERVAL, horizon: int = DEFAULT_HORIZON) -> int:
-    """The largest future distance tri scores for: horizon itself, or for -1 the rule of the C++ core."""
-    if horizon >= 1:
-        return horizon
-    from . import _core
-    return int(_core.default_horizon(budget, interval))
+    """The largest future distance tri scores for: horizon itself, or for -1 the core's rule."""
+    return int(_core.policy_resolve(settings("tri", budget, interval=interval, horizon=horizon)).horizon)
 
 
 def validate(policy: str, budget: Optional[int], *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
              window: int = DEFAULT_WINDOW, per_head: Union[bool, str, None] = None, shift: bool = False,
-             flag: str = "--", horizon: int = DEFAULT_HORIZON) -> None:
-    """Refuse, with what to do, the option combinations that cannot mean what was asked.
-    flag: how options are spelled in messages ("--" for the command line, "" for keyword arguments)."""
+             flag: str = "--", horizon: int = DEFAULT_HORIZON, n_ctx: int = 0,
+             snap_window: Optional[int] = None) -> None:
+    """Refuse, with what to do, the option combinations that cannot mean what was asked: the core's rules
+    (triatt_policy_check, the message every front end gives), after the checks only a front end can make
+    (an option given or not). flag: how options are spelled in messages ("--" for pytriatt's commands,
+    "kv_" for Llama's keyword arguments, "" for plain keyword arguments). n_ctx > 0: the longest sequence."""
     def opt(name: str) -> str:
-        return f"{flag}{name.replace('_', '-') if flag == '--' else name}"
+        return f"{flag}{name.replace('_', '-') if flag.startswith('--') else name}"
     if policy not in POLICIES:
         raise UserError(f"unknown KV policy {policy!r} (known: {', '.join(POLICIES)})")
-    if policy == "full":
+    if policy not in EVICTING:
         if budget is not None:
-            raise UserError(f"{opt('policy')} full keeps every token, so {opt('budget')} {budget} would mean nothing: "
-                            f"drop it, or pick an evicting policy ({', '.join(EVICTING)})")
+            raise UserError(f"{opt('policy')} {policy} keeps every token, so {opt('budget')} {budget} would mean "
+                            f"nothing: drop it, or pick an evicting policy ({', '.join(EVICTING)})")
         return
     if budget is None:
         raise UserError(f"{opt('policy')} {policy} needs {opt('budget')} N (the KV tokens to keep)")
-    for name, value in (("budget", budget), ("interval", interval)):
-        if value < 1:
-            raise UserError(f"{opt(name)} {value} is out of range: it must be at least 1")
-    if sink < 0:
-        raise UserError(f"{opt('sink')} {sink} is out of range: it must be at least 0")
-    if window < -1:
-        raise UserError(f"{opt('window')} {window} is out of range: it must be at least 0 (-1: the default rule)")
-    if horizon < -1 or horizon == 0:
-        raise UserError(f"{opt('horizon')} {horizon} is out of range: it must be at least 1 (-1: the default rule)")
-    w = max(resolved_window(policy, budget, sink, interval, window), 1)
-    if sink + w > budget:
-        raise UserError(f"{opt('sink')} {sink} + {opt('window')} {w} exceed {opt('budget')} {budget}: "
-                        f"the protected tokens must fit in the budget")
-    if per_head not in (None, False, "shared"):
-        granularity(per_head)
-        if policy not in PER_HEAD_POLICIES:
-            raise UserError(f"{opt('per_head')} ranks tokens per head, which only "
-                            f"{' and '.join(PER_HEAD_POLICIES)} do (not {policy})")
-        if shift:
-            raise UserError(f"{opt('per_head')} cannot be combined with {opt('shift')} (a cell holds a different token "
-                            "in each head, so no single position shift is right for it): drop one of them")
+    if per_head not in (None, False, True) and per_head not in GRANULARITIES:
+        raise UserError(f"{opt('per_head')} must be False, True (or 'head') or 'layer', got {per_head!r}")
+    why = _core.policy_check(settings(policy, budget, interval=interval, sink=sink, window=window, horizon=horizon,
+                                      per_head=per_head, shift=shift, snap_window=snap_window), int(n_ctx), flag)
+    if why:
+        raise UserError(why)
 
 
 def c_params(lc, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
@@ -129,15 +130,13 @@ def c_params(lc, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, 
              kv_agg: str = "max", snap_window: Optional[int] = None, horizon: int = DEFAULT_HORIZON):
     """llama_kv_policy_params for an evicting policy (the struct keeps the calibration path's bytes alive)."""
     validate(policy, budget, interval=interval, sink=sink, window=window, per_head=per_head, shift=shift, flag="",
-             horizon=horizon)
-    if policy == "full":
+             horizon=horizon, snap_window=snap_window)
+    if policy not in EVICTING:
         raise UserError("policy full has no parameters: detach the policy instead")
-    types = {"tri": lc.LLAMA_KV_POLICY_TRI, "streaming": lc.LLAMA_KV_POLICY_STREAMING,
-             "random": lc.LLAMA_KV_POLICY_RANDOM, "snapkv": lc.LLAMA_KV_POLICY_SNAPKV}
     if kv_agg not in ("max", "mean"):
         raise UserError(f"kv_agg must be 'max' or 'mean', got {kv_agg!r}")
     p = lc.llama_kv_policy_default_params()
-    p.type, p.budget, p.interval = types[policy], int(budget), int(interval)
+    p.type, p.budget, p.interval = POLICIES.index(policy), int(budget), int(interval)
     p.n_sink, p.n_window, p.protect_prompt = int(sink), int(window), bool(protect_prompt)
     p.kv_agg_mean, p.seed, p.n_threads = kv_agg == "mean", seed & 0xFFFFFFFF, int(n_threads)
     p.shift = bool(shift)

@@ -11,14 +11,10 @@ from . import _core
 
 __all__ = ["select", "select_heads", "POLICIES"]
 
-POLICIES = ("tri", "streaming", "random")  # "triattention" is accepted for "tri"
-
-_POLICY_CODE = {
-    "tri": int(_core.RANK_SCORES),
-    "triattention": int(_core.RANK_SCORES),
-    "streaming": int(_core.RANK_RECENT),
-    "random": int(_core.RANK_RANDOM),
-}
+# how each evicting policy of the contract ranks (pytriatt._core's table): by the scores given, newest first,
+# or at random
+_POLICY_CODE = {row["name"]: int(row["rank"]) for row in _core.policy_table() if row["evicts"]}
+POLICIES = tuple(_POLICY_CODE)
 
 
 def select(
@@ -39,7 +35,7 @@ def select(
     """Choose the cached tokens to KEEP; returns their positions, ascending (int32).
 
     Args:
-        policy: ``"tri"`` (TriAttention: rank by ``scores``; ``"triattention"`` is an alias), ``"streaming"`` (newest first)
+        policy: ``"tri"`` or ``"snapkv"`` (rank by ``scores``), ``"streaming"`` (newest first)
             or ``"random"`` (seeded; depends only on ``seed`` and the positions).
         scores: for ``"tri"``, the raw per-layer scores: a sequence of float32
             ``[n, n_head]`` arrays (``None`` entries, e.g. layers without KV, are skipped)
@@ -78,13 +74,13 @@ def select(
         if int(v) < 0:
             raise ValueError(f"{name} must be >= 0")
     layers: List[np.ndarray] = []
-    if code == _POLICY_CODE["tri"]:
+    if code == int(_core.RANK_SCORES):
         if scores is None:
-            raise ValueError("the tri policy needs the per-layer raw scores")
+            raise ValueError(f"the {policy} policy needs the per-layer raw scores")
         it = list(scores) if not isinstance(scores, np.ndarray) or scores.ndim == 3 else [scores]
         layers = [np.ascontiguousarray(s, dtype=np.float32) for s in it if s is not None]
         if pos.size and not layers:
-            raise ValueError("the tri policy needs the raw scores of at least one layer")
+            raise ValueError(f"the {policy} policy needs the raw scores of at least one layer")
         for l, s in enumerate(layers):
             if s.ndim != 2 or s.shape[0] != pos.size:
                 raise ValueError(f"scores of layer {l} must be [n={pos.size}, n_head], got {s.shape}")

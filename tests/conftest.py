@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +101,26 @@ def tiny_cal(tiny_calibrated):
 def smollm2_path():
     from pytriatt import models
     return models.get("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def llama_tools():
+    """{name: path} of llama-server, llama-cli, ggml-rpc-server, built by tools/build_llama.py --tools (cached);
+    PYTRIATT_LLAMA_TOOLS=DIR uses the programs in DIR instead."""
+    given = os.environ.get("PYTRIATT_LLAMA_TOOLS")
+    if given:
+        paths = {name: Path(given) / name for name in ("llama-server", "llama-cli", "ggml-rpc-server")}
+        missing = [str(p) for p in paths.values() if not p.is_file()]
+        if missing:
+            pytest.skip(f"PYTRIATT_LLAMA_TOOLS={given} lacks {', '.join(missing)}")
+        return paths
+    if os.environ.get("PYTRIATT_TOOLS_BUILD") == "0":
+        pytest.skip("llama.cpp's tools are not built: PYTRIATT_TOOLS_BUILD=0")
+    if shutil.which("cmake") is None:
+        pytest.skip("llama.cpp's tools cannot be built here: cmake is not on PATH")
+    r = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "tools" / "build_llama.py"), "--tools"],
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        pytest.fail("tools/build_llama.py --tools failed:\n" + "\n".join((r.stdout + r.stderr).splitlines()[-40:]))
+    paths = [Path(line) for line in r.stdout.split()]
+    return {p.name: p for p in paths}

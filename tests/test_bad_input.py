@@ -125,6 +125,8 @@ def test_cli_debug_shows_the_traceback(files):
 
 def _llama(path, **kw):
     args = dict(n_ctx=256, n_batch=32, verbose=False)
+    if "kv_policy" in kw:
+        args["kv_budget"] = 64      # below n_ctx: libllama's default (2048) would be refused for it
     args.update(kw)
     return llama_cpp.Llama(str(path), **args)
 

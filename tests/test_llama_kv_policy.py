@@ -98,9 +98,9 @@ def test_n_ctx_is_the_longest_sequence_and_the_cache_is_sized_from_the_budget(ti
     assert llm.kv_policy_stats()["n_cells"] == 256 and llm.kv_policy_stats()["n_ctx"] == 8192
     llm = make(tiny_cal, n_ctx=8192, kv_budget=1000, kv_interval=128, n_batch=512)
     assert llm.kv_cells == 1536                # 1000 + 512
-    # never more cells than the longest sequence needs
-    llm = make(tiny_cal, n_ctx=512, kv_budget=2048)
-    assert llm.kv_cells == 512 and llm.n_ctx() == 512
+    # a budget the longest sequence never reaches is refused, as llama.cpp's --kv-budget is
+    with pytest.raises(ValueError, match=r"kv_budget 2048 is not below the longest sequence \(512 tokens"):
+        make(tiny_cal, n_ctx=512, kv_budget=2048)
     # n_ctx=0: the model's trained context
     llm = make(tiny_cal, n_ctx=0)
     assert llm.n_ctx() == llm._model.n_ctx_train() and llm.kv_cells < llm.n_ctx()
@@ -122,22 +122,6 @@ def test_one_rule_sizes_the_cache_everywhere():
     assert cells_needed(llama_cpp, 100, 50, 64) == 164 and cells_needed(llama_cpp, 100, 50, 32) == 150
 
 
-def test_one_set_of_defaults_in_libllama_pytriatt_and_llama():
-    """sink, interval and window default the same in llama_kv_policy_default_params (which llama.cpp's common
-    flags start from), pytriatt.policy (the CLI's) and Llama's keywords; the budget too, where one has a default."""
-    import inspect
-
-    from pytriatt import policy
-
-    p = llama_cpp.llama_kv_policy_default_params()
-    kw = {k: v.default for k, v in inspect.signature(llama_cpp.Llama.__init__).parameters.items()}
-    assert (p.n_sink, p.interval, p.n_window, p.horizon) == (policy.DEFAULT_SINK, policy.DEFAULT_INTERVAL,
-                                                             policy.DEFAULT_WINDOW, policy.DEFAULT_HORIZON)
-    assert (kw["kv_sink"], kw["kv_interval"], kw["kv_budget"]) == (p.n_sink, p.interval, p.budget)
-    # window and horizon: None in Llama, i.e. whatever libllama's rules give
-    assert (kw["kv_window"], kw["kv_horizon"]) == (None, None)
-
-
 @pytest.mark.parametrize("policy_type,budget,sink,interval,window", [
     ("tri", 64, 4, 128, 30),      # (64 - 4) / 2: half the budget past the sink stays the score's
     ("tri", 256, 4, 128, 126),
@@ -148,7 +132,8 @@ def test_one_set_of_defaults_in_libllama_pytriatt_and_llama():
 ])
 def test_the_default_window_rule(policy_type, budget, sink, interval, window):
     """llama_kv_policy_resolve fills n_window = -1 with tri's rule, min(interval, (budget - sink) / 2) but at
-    least 1, and with 1 for the baselines (their published form); pytriatt.policy.resolved_window agrees."""
+    least 1, and with 1 for the baselines (their published form); pytriatt.policy.resolved_window reads the
+    same rule from pytriatt._core."""
     import ctypes
 
     from pytriatt import policy
@@ -165,15 +150,12 @@ def test_the_default_window_rule(policy_type, budget, sink, interval, window):
     assert (r.n_window, r.horizon) == (7, 512)
 
 
-def test_libllama_names_the_policies_pytriatt_and_llama_accept(tiny):
-    """llama_kv_policy_type_name / _from_name are the one list of names (llama.cpp's --kv-policy and Llama read
-    it); pytriatt's POLICIES, which the CLI parses before loading libllama, is the same list in the same order."""
-    from pytriatt import policy
-
+def test_libllama_names_the_policies_llama_accepts(tiny):
+    """llama_kv_policy_type_name / _from_name read the contract's table (llama.cpp's --kv-policy and Llama use
+    them; test_policy_contract checks that pytriatt._core has the same table)."""
     names = []
     while (name := llama_cpp.llama_kv_policy_type_name(len(names))) is not None:
         names.append(name.decode())
-    assert tuple(names) == policy.POLICIES
     assert [llama_cpp.llama_kv_policy_type_from_name(n.encode()) for n in names] == list(range(len(names)))
     assert names[llama_cpp.LLAMA_KV_POLICY_SNAPKV] == "snapkv"
     assert llama_cpp.llama_kv_policy_type_from_name(b"lru") == -1 and llama_cpp.llama_kv_policy_type_name(-1) is None
@@ -218,7 +200,7 @@ def test_full_policy_is_exactly_stock_behaviour(tiny):
     ref = generate(stock, prompt, 200)
     ref_text = stock("Once upon a time", max_tokens=32, temperature=0.0)["choices"][0]["text"]
     for policy in ("full", None):
-        llm = llama_cpp.Llama(str(tiny), n_ctx=1024, verbose=False, seed=1, kv_policy=policy, kv_budget=16)
+        llm = llama_cpp.Llama(str(tiny), n_ctx=1024, verbose=False, seed=1, kv_policy=policy)
         assert llm.kv_policy == "full" and llm.n_ctx() == stock.n_ctx() == llm.kv_cells
         assert generate(llm, prompt, 200) == ref
         assert llm("Once upon a time", max_tokens=32, temperature=0.0)["choices"][0]["text"] == ref_text
@@ -237,11 +219,11 @@ def test_a_policy_that_never_fires_generates_the_same_tokens_as_full_attention(t
 def test_bad_policies_are_clear_value_errors(tiny, tiny_cal, tiny_gguf, tmp_path):
     with pytest.raises(ValueError, match="carries no TriAttention statistics.*pytriatt calibrate"):
         make(tiny, "tri")
-    with pytest.raises(ValueError, match="budget and interval must be >= 1"):
+    with pytest.raises(ValueError, match="kv_budget 0 is out of range: it must be at least 1"):
         make(tiny_cal, "tri", kv_budget=0)
-    with pytest.raises(ValueError, match="budget and interval must be >= 1"):
+    with pytest.raises(ValueError, match="kv_interval 0 is out of range"):
         make(tiny_cal, "streaming", kv_interval=0)
-    with pytest.raises(ValueError, match=r"protected tokens \(sink 60 \+ window 8\) exceed the budget 64"):
+    with pytest.raises(ValueError, match=r"kv_sink 60 \+ kv_window 8 exceed kv_budget 64"):
         make(tiny_cal, "streaming", kv_sink=60, kv_window=8)
     with pytest.raises(ValueError, match="kv_policy must be"):
         make(tiny_cal, "h2o")

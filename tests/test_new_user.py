@@ -73,7 +73,7 @@ def test_a_quantized_v_cache_turns_flash_attention_on(tiny_gguf):
 
 @pytest.mark.parametrize("args,message", [
     (("--budget", "64", "--policy", "full"), "--policy full keeps every token"),
-    (("--budget", "300", "-c", "256"), "is not below -c 256"),
+    (("--budget", "300", "-c", "256"), "is not below the longest sequence (256 tokens"),
     (("--budget", "100000"), "is not below the longest sequence"),
 ])
 def test_budgets_that_cannot_mean_what_was_asked_are_refused(tiny_cal, args, message):

@@ -68,7 +68,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         raw = [cal.score(l, keys[l], None, t, threads=threads, offset_agg=args.offset_agg) for l in range(L)]
         t1 = time.perf_counter()
-        keep = select("triattention", raw, positions, t, args.budget, sink=4, window=128, n_head_kv=Hkv)
+        keep = select("tri", raw, positions, t, args.budget, sink=4, window=128, n_head_kv=Hkv)
         t2 = time.perf_counter()
         assert len(keep) == min(args.budget, n)
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3

@@ -45,7 +45,7 @@ VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 # bump when the patch set changes in a way users should see in the version
-TRIATT_LEVEL = 13
+TRIATT_LEVEL = 14
 
 REPO = Path(__file__).resolve().parent.parent
 PATCH_DIRS = {

@@ -58,8 +58,9 @@ def soak(model, *, tokens: int = 20000, budget: int = 256, interval: int = 128, 
         from pytriatt.calibrate import ensure_calibrated
         kw["kv_calib"] = str(calib or ensure_calibrated(model, tokens=2048))
     warmup = warmup or min(1000, tokens // 4)
-    llm = llama_cpp.Llama(str(model), n_ctx=tokens + 256, n_batch=n_batch, kv_policy=policy, kv_budget=budget,
-                          kv_interval=interval, verbose=False, seed=1,
+    if policy != "full":
+        kw.update(kv_policy=policy, kv_budget=budget, kv_interval=interval)
+    llm = llama_cpp.Llama(str(model), n_ctx=tokens + 256, n_batch=n_batch, verbose=False, seed=1,
                           **({"n_threads": threads, "n_threads_batch": threads} if threads else {}), **kw)
     prompt = llm.tokenize(PROMPT.encode())
     limit = budget + interval

@@ -33,7 +33,8 @@ import numpy as np
 from ..calibrate import QUICK_TOKENS, ensure_calibrated
 from ..corpus import default_text, text_tokens
 from ..errors import UserError
-from ..policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, EVICTING, KV_CACHE_TYPES, cells_needed
+from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, EVICTING, KV_CACHE_TYPES,
+                      PER_HEAD_POLICIES, cells_needed)
 from .kvmath import ModelShape, model_shape, pad256
 from .logs import KvLog, parse_kv_log
 from .rss import rss_peak, rss_reset
@@ -64,8 +65,8 @@ def parse_policies(text: str, type_k: str, type_v: str) -> list:
             raise UserError(f"--policies: unknown modifier +{mod} in {item!r} (known: +shift, +head, +layer)")
         if mod and policy == "full":
             raise UserError(f"--policies: full attention evicts nothing, so +{mod} does not apply to it")
-        if mod in ("head", "layer") and policy not in ("tri", "snapkv"):
-            raise UserError(f"--policies: {item}: per-head eviction (+{mod}) is for tri and snapkv")
+        if mod in ("head", "layer") and policy not in PER_HEAD_POLICIES:
+            raise UserError(f"--policies: {item}: per-head eviction (+{mod}) is for {' and '.join(PER_HEAD_POLICIES)}")
         if ctype and ctype not in KV_CACHE_TYPES:
             raise UserError(f"--policies: unknown cache type {ctype!r} in {item!r} (known: {', '.join(KV_CACHE_TYPES)})")
         if item in seen:

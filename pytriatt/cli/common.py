@@ -225,14 +225,11 @@ def add_policy_options(p, *, what: str = "KV tokens to keep") -> None:
 def kv_policy_args(args, path: Path, model_arg: str) -> dict:
     """Llama keyword arguments of the KV eviction options (empty: full attention, stock behaviour)."""
     policy = args.policy or ("tri" if args.budget is not None else "full")
+    n_ctx = getattr(args, "ctx_size", None) or (_trained_context(path) if args.budget is not None else 0)
     kv_policy.validate(policy, args.budget, interval=args.interval, sink=args.sink, window=args.window,
-                       per_head=getattr(args, "per_head", None), shift=args.shift, horizon=args.horizon)
+                       per_head=getattr(args, "per_head", None), shift=args.shift, horizon=args.horizon, n_ctx=n_ctx)
     if policy == "full":
         return {}
-    ctx_size = getattr(args, "ctx_size", None)
-    if ctx_size and args.budget >= ctx_size:
-        raise CliError(f"--budget {args.budget} is not below -c {ctx_size} (the longest sequence): nothing would "
-                       f"ever be evicted; lower --budget or raise -c (default: the model's trained context)")
     kw = dict(kv_policy=policy, kv_budget=args.budget, kv_interval=args.interval, kv_sink=args.sink,
               kv_window=args.window, kv_horizon=args.horizon, kv_protect_prompt=args.protect_prompt,
               kv_shift=args.shift)
@@ -244,6 +241,16 @@ def kv_policy_args(args, path: Path, model_arg: str) -> dict:
     if note:
         print(note, file=sys.stderr)
     return kw
+
+
+def _trained_context(path: Path) -> int:
+    """The model's trained context (the longest sequence when -c is not given; 0: unknown, not checked)."""
+    from .. import gguf_io
+    try:
+        hdr = gguf_io.read_header(path)
+        return int(hdr.get(f"{hdr.get('general.architecture')}.context_length") or 0)
+    except Exception:   # the loader reports unreadable files itself
+        return 0
 
 
 def _tri_calibration(args, path: Path, model_arg: str) -> Path:

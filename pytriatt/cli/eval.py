@@ -7,6 +7,7 @@ import argparse
 from ..corpus import read_text
 from ..errors import EvalError
 from ..evaluation import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_rows
+from .. import policy as kv_policy
 from ..evaluation.common import model_name, say
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument,
                      add_round_options, add_threads, calib_file, number_list, plot_output, flash_attn, gpu_layers, print_json, resolve_model, threads)
@@ -89,7 +90,8 @@ def add_parser(sub) -> None:
     p.add_argument("--text", metavar="FILE", help="nll/agree/recall text, ruler haystack (default: Python's docs, "
                                                   "pydoc_data.topics)")
     add_round_options(p)
-    p.add_argument("--snap-window", type=int, default=32, help="snapkv: observation window (default 32)")
+    p.add_argument("--snap-window", type=int, default=kv_policy.DEFAULT_SNAP_WINDOW,
+                   help=f"snapkv: observation window (default {kv_policy.DEFAULT_SNAP_WINDOW})")
     add_calib_options(p, calibrate=False)
     add_gpu_layers(p)
     add_cache_types(p)

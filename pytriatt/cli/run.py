@@ -107,9 +107,6 @@ def cmd_run(args) -> int:
                            f"reason)") from None
         raise CliError(f"llama.cpp could not load {path} ({e}): the file is truncated or corrupt, or its "
                        f"architecture is not supported here; PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
-    if kv and args.budget >= llm.n_ctx():
-        raise CliError(f"--budget {args.budget} is not below the longest sequence ({llm.n_ctx()} tokens, -c): "
-                       f"nothing would ever be evicted; lower --budget")
     # like llama-cli: a model with a chat template gets the prompt as a user message, unless --raw
     has_template = bool(llm.metadata.get("tokenizer.chat_template"))
     chat = args.chat or (has_template and not args.raw)

@@ -63,10 +63,6 @@ def build_app(args):
             raise CliError(str(e)) from None
         raise CliError(f"llama.cpp could not load {path} ({e}); PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
     llm = server_app._llama_proxy()
-    if kv and kv["kv_budget"] >= llm.n_ctx():
-        sock.close()
-        raise CliError(f"--budget {kv['kv_budget']} must be below the longest sequence, {llm.n_ctx()} tokens "
-                       f"(-c/--ctx-size, default the model's trained context): nothing would ever be evicted")
     monitor = KVMonitor(llm, kv or {"kv_policy": "full"}, alias)
 
     @app.get("/kv/stats", tags=["pytriatt"], summary="KV-cache eviction counters")

@@ -24,7 +24,7 @@ from ..errors import EvalError
 
 # policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
 # snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens
-from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, GRANULARITIES,
+from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_SNAP_WINDOW, DEFAULT_WINDOW, GRANULARITIES,
                       PER_HEAD_POLICIES, POLICIES, PRESETS, c_params, cells_needed, cells_needed_swa)  # noqa: E402
 
 
@@ -146,7 +146,7 @@ def check_supported(policies: Sequence[str]) -> None:
 
 def attach_policy(ctx, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
                   window: int = DEFAULT_WINDOW, seed: int = 0, calib: Optional[PathLike] = None, shift: bool = False,
-                  snap_window: int = 32, kv_agg: str = "max", horizon: int = DEFAULT_HORIZON) -> None:
+                  snap_window: int = DEFAULT_SNAP_WINDOW, kv_agg: str = "max", horizon: int = DEFAULT_HORIZON) -> None:
     """Attach an eviction policy to a pytriatt Context; it runs inside llama_decode.
 
     Like Context.set_kv_policy, plus the snapkv policy and the shift position mode of

@@ -26,10 +26,11 @@ import numpy as np
 
 from .. import _llama, gguf_io
 from ..ggml_tensors import GgmlTensor, ggml_lib, read_tensor
-from ..policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, resolved_horizon, resolved_window
+from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_SNAP_WINDOW, DEFAULT_WINDOW, EVICTING,
+                      POLICIES, resolved_horizon, resolved_window)
 from .common import EvalError, load_model, mean_ci, model_name, read_text, row, say, text_tokens
 
-RECALL_POLICIES = ("full", "tri", "streaming", "random", "snapkv", "oracle")
+RECALL_POLICIES = POLICIES + ("oracle",)
 # per-(layer, KV head) choices: diagnostics of what one shared cell set costs
 PERHEAD_POLICIES = ("tri-perhead", "oracle-perhead")
 # ablations of tri: the name -> keyword arguments of Calibration.score / select
@@ -163,7 +164,7 @@ def _softmax_rows(x: np.ndarray) -> np.ndarray:
 
 
 def snapkv_scores(K: Dict[int, np.ndarray], Q: Dict[int, np.ndarray], q_index, layers, t: int, info,
-                  *, snap_window: int = 32, kernel: int = 7) -> List[np.ndarray]:
+                  *, snap_window: int = DEFAULT_SNAP_WINDOW, kernel: int = 7) -> List[np.ndarray]:
     """SnapKV's raw scores at round start t, as the policy computes them (cpp/llama-triatt-score-snapkv.cpp):
     per layer and query head, the softmax attention of each of the last
     `snap_window` queries (positions t-W+1..t) over the candidates 0..t, summed over the
@@ -202,7 +203,7 @@ def round_starts(n_tokens: int, n_steps: int, interval: int) -> List[int]:
 def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, tokens: int = 2048,
                samples: int = 6, queries: int = 16, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
                window: int = DEFAULT_WINDOW, horizon: int = DEFAULT_HORIZON,
-               seed: int = 0, calib=None, snap_window: int = 32, kv_agg: str = "max", ablations: bool = False,
+               seed: int = 0, calib=None, snap_window: int = DEFAULT_SNAP_WINDOW, kv_agg: str = "max", ablations: bool = False,
                text: Optional[str] = None, text_file=None, progress: bool = False, name: Optional[str] = None,
                **_ignored) -> List[dict]:
     """Recall of every policy at every budget, at `samples` round starts, with `queries` queries
@@ -211,7 +212,7 @@ def run_recall(model_path, policies: Sequence[str], budgets: Sequence[int], *, t
 
     def wnd(p: str, b: int) -> int:
         """The window the patch protects for policy p at budget b (tri's rule for tri and the oracles)."""
-        return resolved_window(p if p in ("streaming", "random", "snapkv") else "tri", b, sink, interval, window)
+        return resolved_window(p if p in EVICTING else "tri", b, sink, interval, window)
 
     policies = list(policies) + ([p for p in TRI_ABLATIONS if p not in policies] if ablations else [])
     for p in policies:
