@@ -7,7 +7,7 @@ import argparse
 from ..benchmark import format_report, parse_policies, plot_report, run_bench
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_round_options,
                      add_threads, number_list, plot_output,
-                     calib_file, gpu_layers, print_json, resolve_model, threads)
+                     calib_file, gpu_layers, print_json, resolve_model, threads, writing)
 
 HELP = """\
 Measure decode speed, scoring cost and KV memory of KV eviction policies against full attention,
@@ -61,7 +61,8 @@ def cmd_bench(args) -> int:
                     parallel=parallel, parallel_position=args.parallel_position, kv_unified=args.kv_unified,
                     interleave=not args.sequential, progress=not args.quiet, horizon=args.horizon)
     if args.plot:
-        plot_report(rep, out)
+        with writing(out):
+            plot_report(rep, out)
         rep["plot"] = str(out)
     if args.json:
         print_json(rep)

@@ -9,8 +9,8 @@ from .. import gguf_io, modelinfo
 from ..calibrate import calibrate, merge
 from ..core import Calibration, model_fingerprint
 from ..corpus import DEFAULT_SOURCE, read_texts
-from .common import (add_gpu_layers, add_model_argument, add_threads, gpu_layers, print_json, resolve_model,
-                     threads)
+from .common import (add_gpu_layers, add_model_argument, add_threads, gpu_layers, output_file, print_json,
+                     resolve_model, threads, writing)
 
 CLI_HELP = """\
 Run the model over calibration text and write a copy of its GGUF that carries the
@@ -58,9 +58,9 @@ def cmd_calibrate(args) -> int:
 def calibrate_summary(args) -> dict:
     """Run `pytriatt calibrate`; returns the summary. Errors raise ValueError & co."""
     src = resolve_model(args.model)
-    dst = Path(args.output).expanduser()
     gguf_io.read_header(src)                    # a corrupt or truncated input fails here, in one line
-    gguf_io.check_output(src, dst, args.force)  # ... and an unusable output before an hour of work
+    dst = output_file(args.output)              # ... and an unusable output before an hour of work
+    gguf_io.check_output(src, dst, args.force)
     carried = gguf_io.has_prefix(src, "triattention.")
 
     if args.merge:
@@ -81,7 +81,8 @@ def calibrate_summary(args) -> dict:
         cal, res = calibrate(src, text=text, source=source, max_tokens=args.tokens, n_ctx=args.ctx,
                              n_gpu_layers=gpu_layers(args), n_threads=threads(args),
                              progress=not (args.quiet or args.json))
-    written = gguf_io.write_with_metadata(src, dst, cal.gguf_fields(), force=args.force)
+    with writing(dst):
+        written = gguf_io.write_with_metadata(src, dst, cal.gguf_fields(), force=args.force)
     summary = {
         "input": str(src), "output": str(dst), "tokens": cal.calib_tokens, "source": cal.calib_source,
         "merged": [str(m) for m in args.merge] if args.merge else None,

@@ -4,8 +4,11 @@ the KV policy options of run and serve, and output helpers. Subcommand modules i
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -102,12 +105,42 @@ def number_list(text: str, flag: str, kind=int) -> list:
     return out
 
 
-def plot_output(arg: str) -> Path:
-    """--plot / -o of a picture: its directory must exist and matplotlib be installed, checked before any work."""
-    from ..report import require_matplotlib
+def output_file(arg: str) -> Path:
+    """A file a command will write (-o, --plot), checked before any work: not a directory, in a directory that
+    exists and takes new files (tried by creating and removing a file there: write permission and a read-only
+    file system, which os.access does not tell for root). CliError in one line otherwise."""
     out = Path(arg).expanduser()
-    if not out.parent.is_dir():
-        raise CliError(f"cannot write {out}: the directory {out.parent} does not exist")
+    if out.is_dir():
+        raise CliError(f"cannot write {out}: it is a directory; give a file path")
+    parent = out.parent
+    if not parent.exists():
+        raise CliError(f"cannot write {out}: the directory {parent} does not exist; create it first")
+    if not parent.is_dir():
+        raise CliError(f"cannot write {out}: {parent} is not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".pytriatt-", suffix=".probe")
+    except OSError as e:
+        raise CliError(f"cannot write {out}: the directory {parent} does not take new files "
+                       f"({e.strerror or e})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
+@contextmanager
+def writing(path):
+    """Around the write of an output file: an OSError (a file system that turned read-only, a full disk) is one
+    line naming the file, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+def plot_output(arg: str) -> Path:
+    """--plot / -o of a picture: output_file's checks, and matplotlib installed, before any work."""
+    from ..report import require_matplotlib
+    out = output_file(arg)
     try:
         require_matplotlib()
     except ImportError as e:

@@ -10,7 +10,8 @@ from ..evaluation import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_row
 from .. import policy as kv_policy
 from ..evaluation.common import model_name, say
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument,
-                     add_round_options, add_threads, calib_file, number_list, plot_output, flash_attn, gpu_layers, print_json, resolve_model, threads)
+                     add_round_options, add_threads, calib_file, number_list, plot_output, flash_attn, gpu_layers, print_json, resolve_model, threads,
+                     writing)
 
 HELP = """\
 Measure how much of a model's quality a KV-cache policy keeps at each budget (tokens kept):
@@ -182,7 +183,8 @@ def cmd_eval(args) -> int:
         raise CliError(str(e)) from None
     if args.plot:
         metric = args.metric or DEFAULT_METRIC[args.task]
-        plot_rows(rows, metric, args.plot, title=f"{model_name(path)}: {args.task} {metric}")
+        with writing(args.plot):
+            plot_rows(rows, metric, args.plot, title=f"{model_name(path)}: {args.task} {metric}")
         say(not args.quiet, f"eval: wrote {args.plot}")
     if args.json:
         print_json(rows)

@@ -6,7 +6,7 @@ import sys
 
 from .. import core, modelinfo
 from ..gguf_model import open_model
-from .common import CliError, add_model_argument, load_checked, plot_output, print_json
+from .common import CliError, add_model_argument, load_checked, plot_output, print_json, writing
 
 
 def add_parser(sub) -> None:
@@ -66,7 +66,8 @@ def cmd_plot(args) -> int:
     name = r.scalar("general.name", "") or path.name
     title = (f"TriAttention calibration of {name}  ({cal.calib_tokens} tokens"
              + (f" of {cal.calib_source}" if cal.calib_source else "") + ")")
-    res = modelinfo.plot_calibration(cal, out, n_heads=args.heads, title=title)
+    with writing(out):
+        res = modelinfo.plot_calibration(cal, out, n_heads=args.heads, title=title)
     if args.json:
         print_json({k: v for k, v in res.items() if k != "profile"})
     else:

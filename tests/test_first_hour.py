@@ -1,0 +1,89 @@
+"""What a user meets in the first hour (the "first hour" issue): output paths checked before the work and
+write errors in one line; calibration text that is empty or too short; eval/bench settings under which no
+eviction round can happen; the full-attention summary of `run`; `run -n -1`; `--debug` after the subcommand."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pytriatt import cli
+
+pytest.importorskip("llama_cpp")
+
+
+def run_main(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pytriatt", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def one_line_error(rc, err, *needles):
+    assert rc == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for n in needles:
+        assert n in err, err
+
+
+# -- 1. every output path is checked before the work; a failing write is one line --------------------
+
+def _the_work_must_not_start(monkeypatch):
+    """Stand-ins for each command's work: reaching one means the output was not checked first."""
+    def started(*a, **k):
+        raise AssertionError("the work started before the output path was checked")
+    import pytriatt.cli.bench as bench
+    import pytriatt.cli.calibrate as calibrate
+    import pytriatt.cli.eval as eval_
+    monkeypatch.setattr(calibrate, "calibrate", started)
+    monkeypatch.setattr(eval_, "evaluate", started)
+    monkeypatch.setattr(bench, "run_bench", started)
+    monkeypatch.setattr("pytriatt.modelinfo.plot_calibration", started)
+
+
+COMMANDS = {
+    "calibrate -o": lambda m, out: ["calibrate", m, "-o", out, "--tokens", "64"],
+    "plot -o": lambda m, out: ["plot", m, "-o", out],
+    "eval --plot": lambda m, out: ["eval", m, "--task", "nll", "--policies", "full,streaming", "--budgets", "48",
+                                   "--tokens", "256", "--plot", out],
+    "bench --plot": lambda m, out: ["bench", m, "--budget", "64", "--positions", "512", "--policies",
+                                    "full,streaming", "--plot", out],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("where,message", [
+    ("missing", "does not exist"),
+    ("directory", "is a directory"),
+    ("/sys/pytriatt-out", "does not take new files"),     # sysfs takes no new files, not even from root
+    ("/proc/pytriatt-out", "does not take new files"),
+])
+def test_an_unwritable_output_is_refused_before_the_work(command, where, message, tiny_cal, tmp_path, capsys,
+                                                         monkeypatch):
+    suffix = ".gguf" if command.startswith("calibrate") else ".png"
+    out = {"missing": tmp_path / "no-such-dir" / f"out{suffix}", "directory": tmp_path}.get(where, where + suffix)
+    _the_work_must_not_start(monkeypatch)
+    rc, _, err = run_main(capsys, *COMMANDS[command](tiny_cal, out))
+    one_line_error(rc, err, "cannot write", message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []            # the check leaves nothing behind
+
+
+def test_a_write_that_fails_midway_is_one_line(tiny_gguf, tiny_cal, tmp_path, capsys, monkeypatch):
+    """A file system that turns read-only (or fills up) after the check: one line, not a traceback."""
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr("pytriatt.gguf_io.write_with_metadata", read_only)
+    rc, _, err = run_main(capsys, "calibrate", tiny_gguf("llama"), "-o", tmp_path / "out.gguf", "--tokens", "64",
+                          "-c", "64", "-q")
+    one_line_error(rc, err, f"cannot write {tmp_path / 'out.gguf'}: Read-only file system")
+    monkeypatch.setattr("pytriatt.modelinfo.plot_calibration", read_only)
+    rc, _, err = run_main(capsys, "plot", tiny_cal, "-o", tmp_path / "h.png")
+    one_line_error(rc, err, f"cannot write {tmp_path / 'h.png'}: Read-only file system")
