@@ -87,3 +87,22 @@ def test_a_write_that_fails_midway_is_one_line(tiny_gguf, tiny_cal, tmp_path, ca
     monkeypatch.setattr("pytriatt.modelinfo.plot_calibration", read_only)
     rc, _, err = run_main(capsys, "plot", tiny_cal, "-o", tmp_path / "h.png")
     one_line_error(rc, err, f"cannot write {tmp_path / 'h.png'}: Read-only file system")
+
+
+# -- 6. --debug before or after the subcommand -----------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["--debug", "info"], ["info", "--debug"]])
+def test_debug_is_accepted_before_and_after_the_subcommand(argv, tmp_path):
+    r = run_cli(*argv, tmp_path / "missing.gguf")
+    assert "Traceback" in r.stderr and "no such file" in r.stderr, r.stderr
+    r = run_cli("info", tmp_path / "missing.gguf")
+    one_line_error(r.returncode, r.stderr, "no such file")
+
+
+def test_debug_parses_after_every_subcommand_and_defaults_to_off():
+    from pytriatt.cli import build_parser
+    ap = build_parser()
+    assert ap.parse_args(["run", "--debug"]).debug is True
+    assert ap.parse_args(["--debug", "run"]).debug is True
+    assert ap.parse_args(["models", "list", "--debug"]).debug is True
+    assert ap.parse_args(["run"]).debug is False

@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
     for module in SUBCOMMANDS:
         module.add_parser(sub)       # each sets func to its command
+    # --debug after the subcommand too (pytriatt run --debug ...); SUPPRESS: absent, it leaves the top level's value
+    for p in set(sub.choices.values()):
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show Python tracebacks for errors")
     return ap
 
 
