@@ -89,6 +89,49 @@ def test_a_write_that_fails_midway_is_one_line(tiny_gguf, tiny_cal, tmp_path, ca
     one_line_error(rc, err, f"cannot write {tmp_path / 'h.png'}: Read-only file system")
 
 
+# -- 4. the summary of a full-attention run says what it is ---------------------------------------
+
+def test_a_full_attention_summary_does_not_compare_full_attention_with_itself(tiny_gguf, tiny_cal):
+    r = run_cli("run", tiny_gguf("llama"), "-p", "hello", "-n", "8", "-c", "256", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    summary = r.stderr[r.stderr.index("stopped because"):]
+    assert "would need" not in summary
+    assert "full attention: KV memory allocated" in summary and "256 cells" in summary
+    assert "this sequence uses" in summary
+    # with a budget the comparison is the point: what full attention would need for the same sequence
+    r = run_cli("run", tiny_cal, "--budget", "64", "--interval", "32", "-p", "hello", "-n", "120", "--ignore-eos")
+    assert r.returncode == 0, r.stderr
+    assert "full attention would need" in r.stderr
+
+
+# -- 5. run -n -1: until an end-of-generation token or a full context, as llama-cli ----------------
+
+def test_run_n_minus_one_generates_until_the_context_is_full(tiny_gguf):
+    r = run_cli("run", tiny_gguf("llama"), "-p", "hello", "-n", "-1", "-c", "256", "--ignore-eos", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["stop"] == "ctx_full"
+    assert out["n_prompt"] + out["n_generated"] == out["n_ctx"] == 256
+    r = run_cli("run", tiny_gguf("llama"), "-p", "hello", "-n", "-1", "-c", "256", "--ignore-eos")
+    assert r.returncode == 0 and "stopped because the context is full (256 tokens, -c)" in r.stderr, r.stderr
+    # without --ignore-eos an end-of-generation token may end it first; either way it ends
+    r = run_cli("run", tiny_gguf("llama"), "-p", "hello", "-n", "-1", "-c", "256", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["stop"] in ("eog", "ctx_full"), r.stderr
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_other_non_positive_n_are_refused_naming_minus_one(tiny_gguf, n, capsys):
+    rc, _, err = run_main(capsys, "run", tiny_gguf("llama"), "-p", "hi", "-n", n)
+    one_line_error(rc, err, "-n/--n-predict", "-1")
+
+
+def test_run_help_documents_n_minus_one(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split()).replace("- ", "-")     # argparse wraps at hyphens
+    assert "-1: until an end-of-generation token or a full context" in out
+
+
 # -- 6. --debug before or after the subcommand -----------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["--debug", "info"], ["info", "--debug"]])

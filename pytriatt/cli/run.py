@@ -31,7 +31,9 @@ def add_parser(sub) -> None:
                    help="wrap the prompt in the model's chat template (the default when the model has one)")
     p.add_argument("--raw", "-no-cnv", "--no-conversation", dest="raw", action="store_true",
                    help="continue the prompt as plain text, without the chat template (llama-cli's -no-cnv)")
-    p.add_argument("-n", "--n-predict", type=int, default=64, help="tokens to generate (default 64)")
+    p.add_argument("-n", "--n-predict", type=int, default=64,
+                   help="tokens to generate (default 64; -1: until an end-of-generation token or a full context, "
+                        "as llama-cli)")
     add_ctx_size(p, "longest sequence in tokens (default 2048; with --budget the model's trained context)")
     add_policy_options(p)
     add_calib_options(p, calibrate=True)
@@ -74,8 +76,10 @@ def cmd_run(args) -> int:
     path = resolve_model(args.model or DEFAULT_MODEL)
     lc = _llama.require_patched()
     n_gpu_layers = gpu_layers(args)
-    if args.n_predict <= 0:
-        raise CliError("-n/--n-predict must be positive")
+    if args.n_predict == 0 or args.n_predict < -1:
+        raise CliError(f"-n/--n-predict {args.n_predict}: give a positive number of tokens, or -1 to generate "
+                       f"until an end-of-generation token or a full context")
+    until_full = args.n_predict == -1
     if args.file:
         try:
             args.prompt = Path(args.file).expanduser().read_text(encoding="utf-8", errors="replace")
@@ -121,7 +125,9 @@ def cmd_run(args) -> int:
     if kv and lc.llama_kv_policy_set_prompt(llm.ctx, 0, n_prompt) != 0:
         raise CliError(f"--protect-prompt with --budget {args.budget}: "
                        f"{lc.llama_kv_policy_last_error().decode('utf-8', 'replace')}")
-    if n_prompt + args.n_predict > llm.n_ctx():
+    if until_full and n_prompt >= llm.n_ctx():
+        raise CliError(f"the prompt ({n_prompt} tokens) fills the context of {llm.n_ctx()}; raise -c/--ctx-size")
+    if not until_full and n_prompt + args.n_predict > llm.n_ctx():
         raise CliError(f"prompt ({n_prompt} tokens) + {args.n_predict} new tokens exceed the context of "
                        f"{llm.n_ctx()}; raise -c/--ctx-size")
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -148,10 +154,13 @@ def cmd_run(args) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             dt = time.perf_counter() - t0
-            status.update(f"[{n_gen}/{args.n_predict} tokens, {n_gen / dt:.1f} tok/s, KV {st['n_cells_used']}/"
-                          f"{st['n_cells']} cells, {st['n_rounds']} evictions]")
-            if n_gen >= args.n_predict:
+            status.update(f"[{n_gen}{'' if until_full else '/' + str(args.n_predict)} tokens, {n_gen / dt:.1f} "
+                          f"tok/s, KV {st['n_cells_used']}/{st['n_cells']} cells, {st['n_rounds']} evictions]")
+            if n_gen >= args.n_predict > 0:
                 stop = "n_predict"
+                break
+            if n_prompt + n_gen >= llm.n_ctx():     # -n -1: the sequence fills the context
+                stop = "ctx_full"
                 break
     finally:
         status.close()
@@ -163,7 +172,8 @@ def cmd_run(args) -> int:
     # what full attention would hold for the same sequence: the same bytes per cell, one cell per token
     full_bytes = st["kv_bytes"] / st["n_cells"] * n_seq if st.get("kv_bytes") else None
     stop_reason = {"eog": "the model emitted an end-of-generation token",
-                   "n_predict": f"-n {args.n_predict} tokens generated"}[stop]
+                   "n_predict": f"-n {args.n_predict} tokens generated",
+                   "ctx_full": f"the context is full ({llm.n_ctx()} tokens, -c)"}[stop]
     result = {"model": str(path), "prompt": args.prompt, "text": "".join(text), "n_prompt": n_prompt,
               "stop": stop, "chat_template": chat,
               "n_generated": n_gen, "seconds": round(dt, 3), "tokens_per_s": round(n_gen / dt, 2) if dt else None,
@@ -194,13 +204,18 @@ def cmd_run(args) -> int:
              f"(prompt {n_prompt}); KV cache holds {st['n_cells_used']} of {llm.kv_cells} cells"
              + (f" (global layers), the sliding-window cache {result['kv_cells_used_swa']} of "
                 f"{result['kv_cells_swa']}" if result["kv_cells_swa"] else "")]
-    if result["kv_bytes"]:
+    if result["kv_bytes"] and not kv:
+        # full attention: the cache is allocated for the whole context; say how much of it this sequence used
+        used = result["kv_bytes"] / st["n_cells"] * st["n_cells_used"]
+        lines.append(f"full attention: KV memory allocated {mib(result['kv_bytes'])} ({llm.kv_cells} cells, the "
+                     f"context); this sequence uses {mib(used)} of it ({st['n_cells_used']} cells)")
+    elif result["kv_bytes"]:
         mem = f"KV memory allocated {mib(result['kv_bytes'])}"
         if full_bytes:
             mem += f"; full attention would need {mib(full_bytes)} for this sequence"
-            if kv and full_bytes > result["kv_bytes"]:
+            if full_bytes > result["kv_bytes"]:
                 mem += f" ({full_bytes / result['kv_bytes']:.1f}x the allocation)"
-            elif kv:
+            else:
                 mem += " (the sequence is still shorter than the cache)"
         lines.append(mem)
     if kv:
