@@ -89,6 +89,53 @@ def test_a_write_that_fails_midway_is_one_line(tiny_gguf, tiny_cal, tmp_path, ca
     one_line_error(rc, err, f"cannot write {tmp_path / 'h.png'}: Read-only file system")
 
 
+# -- 3. eval and bench refuse settings under which no eviction round can happen -----------------------
+# A round runs only once a sequence would exceed budget + interval (docs/eviction.md); below that every
+# policy is full attention, and a table of ratios 1.000 says nothing.
+
+@pytest.mark.parametrize("task,args", [
+    ("nll", ["--budgets", "64", "--tokens", "10"]),                  # 10 tokens never exceed 64 + 128
+    ("recall", ["--budgets", "2048", "--tokens", "1024"]),
+    ("passkey", ["--budgets", "1024", "--tokens", "512"]),
+    ("agree", ["--budgets", "512", "--tokens", "256", "--gen", "64"]),
+    ("ruler", ["--budgets", "4096", "--tokens", "1024"]),
+])
+def test_eval_refuses_budgets_no_sequence_exceeds(task, args, tiny_cal, capsys, monkeypatch):
+    def started(*a, **k):
+        raise AssertionError("a task ran")
+    for mod in ("nll", "recall", "passkey", "agree", "ruler"):
+        monkeypatch.setattr(f"pytriatt.evaluation.{mod}.run_{mod}", started)
+    rc, _, err = run_main(capsys, "eval", tiny_cal, "--task", task, "--policies", "full,tri,streaming", *args)
+    one_line_error(rc, err, "no eviction round can happen", "raise --tokens")
+
+
+def test_eval_skips_the_budgets_no_sequence_exceeds_and_says_which(tiny_gguf, capsys):
+    rc, out, err = run_main(capsys, "eval", tiny_gguf("llama"), "--task", "nll", "--policies", "full,streaming",
+                            "--budgets", "48,128,512", "--tokens", "256", "--json", "-q")
+    assert rc == 0, err
+    assert {r["budget"] for r in json.loads(out)} == {None, 48}
+    notes = [line for line in err.splitlines() if "skipped" in line]
+    assert len(notes) == 1 and "budgets 128, 512" in notes[0] and "256 tokens" in notes[0], err
+
+
+def test_bench_refuses_positions_at_which_no_round_can_happen(tiny_gguf, capsys):
+    rc, _, err = run_main(capsys, "bench", tiny_gguf("llama"), "--budget", "256", "--positions", "100",
+                          "--policies", "full,streaming", "-q")
+    one_line_error(rc, err, "no eviction round can happen", "--positions", "--budget")
+    # full attention alone evicts nothing anyway: nothing to refuse
+    rc, _, err = run_main(capsys, "bench", tiny_gguf("llama"), "--budget", "256", "--positions", "100",
+                          "--policies", "full", "--window", "8", "-q", "--json")
+    assert rc == 0, err
+
+
+def test_bench_flags_the_positions_at_which_no_round_happens(tiny_gguf, capsys):
+    rc, out, err = run_main(capsys, "bench", tiny_gguf("llama"), "--budget", "64", "--positions", "100,400",
+                            "--policies", "full,streaming", "--window", "16", "-q", "--json")
+    assert rc == 0, err
+    notes = [line for line in err.splitlines() if "no eviction round" in line]
+    assert len(notes) == 1 and "position 100" in notes[0] and "400" not in notes[0], err
+
+
 # -- 4. the summary of a full-attention run says what it is ---------------------------------------
 
 def test_a_full_attention_summary_does_not_compare_full_attention_with_itself(tiny_gguf, tiny_cal):

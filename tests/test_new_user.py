@@ -174,7 +174,7 @@ def test_every_subcommand_spells_llamas_flags_one_way_with_one_default():
 
 def test_eval_takes_llamas_runtime_flags(tiny_gguf):
     r = run_cli("eval", tiny_gguf("llama"), "--task", "nll", "--policies", "full,streaming", "--budgets", "48",
-                "-c", "160", "-t", "1", "-ngl", "0", "-ctk", "bf16", "-ctv", "f16", "-fa", "on", "--json", "-q")
+                "--interval", "32", "-c", "160", "-t", "1", "-ngl", "0", "-ctk", "bf16", "-ctv", "f16", "-fa", "on", "--json", "-q")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert {x["policy"] for x in rows} == {"full", "streaming"} and all(x["n"] > 0 for x in rows)

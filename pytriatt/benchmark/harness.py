@@ -304,6 +304,25 @@ def run_parallel(model, shape: ModelShape, log: KvLog, spec: PolicySpec, cfg: di
 
 # -- the benchmark ---------------------------------------------------------------
 
+def _positions_with_rounds(positions: list, *, budget: int, interval: int, steps: int, evicting: bool) -> None:
+    """A round runs only once a sequence would exceed budget + interval (docs/eviction.md). At a position P the
+    sequence reaches P + steps (the timed decode steps); where that stays within budget + interval the evicting
+    policies run as full attention. At every position: refused (UserError); at some: said in one line."""
+    limit = budget + interval
+    idle = [p for p in positions if p + steps <= limit]
+    if not evicting or not idle:
+        return
+    if len(idle) == len(positions):
+        raise UserError(f"no eviction round can happen: at --positions {','.join(map(str, positions))} the "
+                        f"sequence reaches at most {max(idle) + steps} tokens (position + {steps} timed steps), "
+                        f"within --budget + --interval = {limit}, so the policies would be measured as full "
+                        f"attention; give --positions above {limit - steps}, or lower --budget")
+    s = "s" if len(idle) > 1 else ""
+    print(f"pytriatt: note: bench: at position{s} {', '.join(map(str, idle))} no eviction round happens (the "
+          f"sequence stays within --budget + --interval = {limit}): the policies run as full attention there",
+          file=sys.stderr, flush=True)
+
+
 def run_bench(model_path, *, budget: int, positions: list, policies: list, window: int = 128, repeat: int = 1,
               interval: int = DEFAULT_INTERVAL, n_batch: int = 512, sink: int = DEFAULT_SINK,
               threads: Optional[int] = None, score_threads: int = 0, n_gpu_layers: int = 0, calib: Optional[Path] = None,
@@ -334,6 +353,8 @@ def run_bench(model_path, *, budget: int, positions: list, policies: list, windo
         if b - a < span:
             raise ValueError(f"positions {a} and {b} (the budget is measured too, for full attention) are closer "
                              f"than window x repeat + 1 = {span} tokens; space them further or shorten --window")
+    _positions_with_rounds(positions, budget=budget, interval=interval, steps=window * repeat,
+                           evicting=any(p.policy != "full" for p in policies))
     lc = _llama.require_patched("kv policy")
     if any(p.policy == "tri" for p in policies) and calib is None:
         calib = ensure_calibrated(model_path, tokens=calib_tokens, n_gpu_layers=n_gpu_layers, progress=progress)

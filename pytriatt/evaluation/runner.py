@@ -11,6 +11,7 @@ run_agree, run_dfs, run_recall, run_ruler) can be called from Python and return 
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
@@ -67,6 +68,7 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
                              **settings)
                 except UserError as e:
                     raise EvalError(f"policy {p}, budget {b}: {e}") from None
+    budgets = _budgets_with_rounds(task, policies, budgets, opts)
     name = name or model_name(model_path)
     if task == "recall":
         # recall computes every choice in NumPy/the core: no llama.cpp policy is attached
@@ -127,6 +129,50 @@ def _evaluate(model_path, task, policies, budgets, *, shift, progress, calib, ca
     if task == "nll":
         rows.extend(_paired_to_streaming(per_token, name, opts.get("interval", 128)))
     return rows
+
+
+def longest_sequence(task: str, opts: dict) -> Optional[int]:
+    """The most tokens a sequence of the task holds (prompt or text, plus what is generated); None: known only
+    once the problems are made (dfs, sized by --nodes)."""
+    from .ruler import CATEGORIES, GEN
+    defaults = {"nll": 2048, "recall": 2048, "passkey": 1024, "agree": 512, "ruler": 4096}
+    if task not in defaults:
+        return None
+    tokens = int(opts.get("tokens") or defaults[task])
+    if task == "passkey":
+        return tokens + int(opts.get("digits", 5)) + 4
+    if task == "agree":
+        return tokens + int(opts.get("gen") or 128)
+    if task == "ruler":
+        return tokens + int(opts.get("gen") or max(GEN[c] for c in opts.get("categories") or CATEGORIES))
+    return tokens       # nll reads the text; recall's round starts end an interval before it does
+
+
+def _budgets_with_rounds(task: str, policies: Sequence[str], budgets: List[int], opts: dict) -> List[int]:
+    """The budgets under which an eviction round can happen. A round runs only once a sequence would exceed
+    budget + interval (docs/eviction.md; recall: a round start past the budget); under a larger budget every
+    policy keeps every token, as full attention does. None of them: EvalError saying what to change; some:
+    the others are skipped, said in one line on stderr."""
+    longest = longest_sequence(task, opts)
+    if longest is None or all(p == "full" for p in policies):
+        return budgets
+    interval = int(opts.get("interval", DEFAULT_INTERVAL))
+    idle = [b for b in budgets if longest <= b + interval]
+    if not idle:
+        return budgets
+    what = f"{task}'s sequences hold at most {longest} tokens"
+    if len(idle) == len(budgets):
+        fix = f"raise --tokens so that sequences exceed {min(idle) + interval}"
+        if longest - interval > 1:
+            fix += f", or lower --budgets below {longest - interval}"
+        raise EvalError(f"no eviction round can happen: {what}, and a round runs only once a sequence exceeds "
+                        f"budget + interval ({min(idle)} + {interval} = {min(idle) + interval}): every policy "
+                        f"would keep every token; {fix}")
+    s = "s" if len(idle) > 1 else ""
+    print(f"pytriatt: note: eval: budget{s} {', '.join(map(str, idle))} skipped: {what}, within budget + "
+          f"interval ({interval}), so no eviction round would happen (raise --tokens to include them)",
+          file=sys.stderr, flush=True)
+    return [b for b in budgets if b not in idle]
 
 
 def _paired_to_streaming(per_token: Dict[tuple, np.ndarray], name: str, interval: int) -> List[dict]:
