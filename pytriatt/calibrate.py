@@ -25,6 +25,10 @@ from .corpus import DEFAULT_SOURCE, default_text
 # uses the paper's 32768 tokens.
 QUICK_TOKENS = 8192
 
+# below this many tokens the statistics are noisy: `pytriatt calibrate` warns (measured with
+# tools/calib_settle.py, docs/calibration.md "How many tokens")
+RECOMMENDED_TOKENS = 2048
+
 
 class _Progress:
     """A one-line progress bar on stderr: tokens, tokens/s, ETA."""
@@ -119,8 +123,10 @@ def token_windows(tokens: Sequence[int], n_ctx: int, bos: Optional[int]) -> list
 
 def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_SOURCE, max_tokens: int = 32768,
               n_ctx: int = 4096, n_gpu_layers: int = 0, n_threads: Optional[int] = None,
-              progress: bool = True):
-    """Run the model over `text` (default: Python's documentation) and return (Calibration, CaptureResult)."""
+              progress: bool = True, warn: Optional[str] = None):
+    """Run the model over `text` (default: Python's documentation) and return (Calibration, CaptureResult).
+    warn: the option that sets max_tokens ("--tokens"): one line on stderr when fewer than RECOMMENDED_TOKENS
+    tokens are read, saying what to change (None: silent)."""
     from .context import Model
     from .core import Calibration, RopeSpec, model_fingerprint
 
@@ -139,6 +145,12 @@ def calibrate(model_path, *, text: Optional[str] = None, source: str = DEFAULT_S
         tokens = model.tokenize(text, add_bos=False)[:max_tokens]
         if not tokens:
             raise ValueError("the calibration text produced no tokens")
+        if warn and len(tokens) < RECOMMENDED_TOKENS:
+            why, fix = ((f"{warn} {max_tokens}", f"raise {warn}") if len(tokens) == max_tokens
+                        else ("all the text gives", "give a longer --text"))
+            print(f"pytriatt: warning: calibrating on {len(tokens)} tokens ({why}): the statistics will be noisy; "
+                  f"{RECOMMENDED_TOKENS} tokens or more are recommended ({fix}; docs/calibration.md)",
+                  file=sys.stderr, flush=True)
         bos = model.lc.llama_vocab_bos(model.vocab)
         add_bos = bool(model.lc.llama_vocab_get_add_bos(model.vocab)) and bos >= 0
         windows = token_windows(tokens, n_ctx, bos if add_bos else None)
@@ -207,7 +219,8 @@ def ensure_calibrated(model_path, *, tokens: int = QUICK_TOKENS, n_gpu_layers: i
     if progress:
         print(f"pytriatt: calibrating {model_path.name} on {tokens} tokens (once; cached as {dst}; "
               f"--calib-tokens sets how many)", file=sys.stderr)
-    cal, _ = calibrate(model_path, max_tokens=tokens, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, progress=progress)
+    cal, _ = calibrate(model_path, max_tokens=tokens, n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, progress=progress,
+                       warn="--calib-tokens" if progress else None)
     return write_sidecar(model_path, cal, dst)
 
 

@@ -40,19 +40,27 @@ def eval_text() -> str:
 
 
 def read_texts(files: Sequence[PathLike]) -> str:
-    """The calibration text of `pytriatt calibrate --text FILE ...`: the files joined by blank lines."""
-    parts = []
+    """The calibration text of `pytriatt calibrate --text FILE ...`: the files joined by blank lines. Any file
+    that can be read counts (a pipe, /dev/stdin); ValueError when none has text, naming the empty ones."""
+    parts, empty = [], []
     for f in files:
-        p = Path(f)
+        p = Path(f).expanduser()
         if p.is_dir():
-            raise ValueError(f"{p} is a directory; --text takes text files")
-        if not p.is_file():
-            raise FileNotFoundError(f"text file not found: {p}")
-        parts.append(p.read_text(encoding="utf-8", errors="replace"))
+            raise ValueError(f"--text {p} is a directory; --text takes text files")
+        if not p.exists():
+            raise FileNotFoundError(f"--text {p}: text file not found")
+        try:
+            t = p.read_text(encoding="utf-8", errors="replace")
+        except OSError as e:
+            raise ValueError(f"--text {p}: cannot read it ({e.strerror or e})") from None
+        if not t.strip():
+            empty.append(str(p))
+        parts.append(t)
     text = "\n\n".join(parts)
     if not text.strip():
-        raise ValueError("the calibration text is empty: give --text files with some prose, "
-                         "or leave --text out to use Python's documentation")
+        what = f"{empty[0]} is" if len(empty) == 1 else f"{', '.join(empty)} are"
+        raise ValueError(f"--text {what} empty: give text files with some prose, "
+                         f"or leave --text out to use Python's documentation")
     return text
 
 

@@ -89,6 +89,44 @@ def test_a_write_that_fails_midway_is_one_line(tiny_gguf, tiny_cal, tmp_path, ca
     one_line_error(rc, err, f"cannot write {tmp_path / 'h.png'}: Read-only file system")
 
 
+# -- 2. calibration text: empty is refused as empty; too short is warned about ------------------------
+
+@pytest.mark.parametrize("text", ["/dev/null", "empty-file", "blank-file"])
+def test_an_empty_calibration_text_is_refused_as_empty(text, tiny_gguf, tmp_path, capsys):
+    if text != "/dev/null":
+        path = tmp_path / f"{text}.txt"
+        path.write_text("" if text == "empty-file" else " \n\n\t\n")
+        text = str(path)
+    rc, _, err = run_main(capsys, "calibrate", tiny_gguf("llama"), "-o", tmp_path / "out.gguf", "--text", text)
+    one_line_error(rc, err, f"--text {text} is empty:")
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_a_calibration_text_shorter_than_recommended_gets_one_warning_line(tiny_gguf, tmp_path, capsys):
+    from pytriatt.calibrate import RECOMMENDED_TOKENS
+    short = tmp_path / "short.txt"
+    short.write_text("four words of text")
+    rc, out, err = run_main(capsys, "calibrate", tiny_gguf("llama"), "-o", tmp_path / "out.gguf", "--text", short,
+                            "--json")
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "warning" in line]
+    assert len(warnings) == 1, err
+    assert "noisy" in warnings[0] and f"{RECOMMENDED_TOKENS} tokens" in warnings[0]
+    assert "--text" in warnings[0]                                    # what to do: a longer text
+    assert json.loads(out)["tokens"] < RECOMMENDED_TOKENS
+    # asking for few tokens of a long text is warned about too, naming --tokens
+    rc, _, err = run_main(capsys, "calibrate", tiny_gguf("llama"), "-o", tmp_path / "few.gguf", "--tokens", "64",
+                          "-q")
+    assert rc == 0 and [line for line in err.splitlines() if "warning" in line and "--tokens 64" in line], err
+
+
+def test_enough_calibration_text_gives_no_warning(tiny_gguf, tmp_path, capsys):
+    from pytriatt.calibrate import RECOMMENDED_TOKENS
+    rc, _, err = run_main(capsys, "calibrate", tiny_gguf("llama"), "-o", tmp_path / "out.gguf", "--tokens",
+                          RECOMMENDED_TOKENS, "-q")
+    assert rc == 0 and "warning" not in err, err
+
+
 # -- 3. eval and bench refuse settings under which no eviction round can happen -----------------------
 # A round runs only once a sequence would exceed budget + interval (docs/eviction.md); below that every
 # policy is full attention, and a table of ratios 1.000 says nothing.

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from .. import gguf_io, modelinfo
-from ..calibrate import calibrate, merge
+from ..calibrate import RECOMMENDED_TOKENS, calibrate, merge
 from ..core import Calibration, model_fingerprint
 from ..corpus import DEFAULT_SOURCE, read_texts
 from .common import (add_gpu_layers, add_model_argument, add_threads, gpu_layers, output_file, print_json,
@@ -33,7 +33,8 @@ def add_parser(sub) -> None:
                    "documentation, pydoc_data.topics)")
     p.add_argument("--tokens", type=int, default=32768, help="tokens of text to use (default 32768, as the paper; "
                                                                "smollm2-135m reads about 230 tokens/s on 2 idle "
-                                                               "CPU cores, see the README)")
+                                                               "CPU cores, see the README; below "
+                                                               f"{RECOMMENDED_TOKENS} a warning: noisy statistics)")
     p.add_argument("-c", "--ctx-size", "--ctx", dest="ctx", type=int, default=4096, help="window length: the text is decoded in windows of "
                    "this many tokens (default 4096)")
     add_gpu_layers(p)
@@ -80,7 +81,7 @@ def calibrate_summary(args) -> dict:
         source = ", ".join(Path(t).name for t in args.text) if args.text else DEFAULT_SOURCE
         cal, res = calibrate(src, text=text, source=source, max_tokens=args.tokens, n_ctx=args.ctx,
                              n_gpu_layers=gpu_layers(args), n_threads=threads(args),
-                             progress=not (args.quiet or args.json))
+                             progress=not (args.quiet or args.json), warn="--tokens")
     with writing(dst):
         written = gguf_io.write_with_metadata(src, dst, cal.gguf_fields(), force=args.force)
     summary = {
