@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 from . import _core
@@ -44,6 +46,69 @@ KV_CACHE_TYPES = {
 }
 # quantized V is stored untransposed, which llama.cpp does only with flash attention
 UNQUANTIZED = ("f32", "f16", "bf16")
+
+
+# -- a policy variant, as `pytriatt eval --policies` and `pytriatt bench --policies` name one ----------------
+
+VARIANT_SYNTAX = "NAME[@head|@layer][/paper|/w=N|/h=N][+shift][:TYPE]"
+VARIANT_EXAMPLES = "tri@head, tri/paper, tri/w=32/h=1024, tri+shift, tri:q8_0"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One policy with its variations: per head (@head, @layer), settings (/paper, /w=N window, /h=N horizon),
+    positions compacted after each round (+shift), a K/V cache type of its own (:TYPE)."""
+    text: str
+    policy: str
+    granularity: str = "shared"
+    settings: dict = field(default_factory=dict)   # window / horizon overrides
+    shift: bool = False
+    cache_type: Optional[str] = None
+
+    @property
+    def per_head(self) -> Optional[str]:
+        return None if self.granularity == "shared" else self.granularity
+
+
+def parse_variant(text: str) -> Variant:
+    """A Variant from its one spelling (VARIANT_SYNTAX); a UserError that shows the spelling otherwise."""
+    def bad(why: str) -> UserError:
+        return UserError(f"policy {text!r}: {why} (write {VARIANT_SYNTAX}, e.g. {VARIANT_EXAMPLES})")
+    m = re.fullmatch(r"([a-z0-9_]+)((?:[@/+][^@/+:]+)*)(?::([a-z0-9_]+))?", text.strip())
+    if not m:
+        raise bad("cannot be read")
+    name, parts, ctype = m.group(1), re.findall(r"[@/+][^@/+:]+", m.group(2)), m.group(3)
+    if name not in POLICIES:
+        where = "" if name == text.strip() else f" in {text.strip()!r}"
+        raise UserError(f"unknown KV policy {name!r}{where} (known: {', '.join(POLICIES)})")
+    gran, settings, shift = "shared", {}, False
+    for part in parts:
+        kind, value = part[0], part[1:]
+        if kind == "@":
+            if value not in GRANULARITIES or value == "shared":
+                raise bad(f"@{value} is not a granularity (@head, @layer)")
+            gran = value
+        elif kind == "+":
+            if value in ("head", "layer"):
+                raise bad(f"per-head eviction is written {name}@{value}")
+            if value != "shift":
+                raise bad(f"+{value} is not a modifier (+shift)")
+            shift = True
+        elif value in PRESETS:
+            settings.update(PRESETS[value])
+        else:
+            key, eq, number = value.partition("=")
+            option = {"w": "window", "h": "horizon"}.get(key, key)
+            if not eq or option not in ("window", "horizon") or not number.lstrip("-").isdigit():
+                raise bad(f"/{value} is not a preset ({', '.join(PRESETS)}) or w=N / h=N (window, horizon)")
+            settings[option] = int(number)
+    if ctype is not None and ctype not in KV_CACHE_TYPES:
+        raise bad(f"unknown cache type {ctype!r} (known: {', '.join(KV_CACHE_TYPES)})")
+    if name not in EVICTING and (gran != "shared" or settings or shift):
+        raise bad(f"{name} evicts nothing, so @, / and + do not apply to it")
+    if gran != "shared" and name not in PER_HEAD_POLICIES:
+        raise bad(f"per-head eviction ranks tokens per head, which only {' and '.join(PER_HEAD_POLICIES)} do")
+    return Variant(text.strip(), name, gran, settings, shift, ctype)
 
 
 def granularity(per_head: Union[bool, str, None]) -> int:

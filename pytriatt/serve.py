@@ -46,9 +46,6 @@ class KVMonitor:
         self.policy = kv.get("kv_policy", "full")
         self.peak = 0
         self.requests = 0
-        self.rounds_total = 0
-        self.evicted_total = 0
-        self._last = (0, 0)
         self._lock = threading.Lock()
         self.snapshot = self._sample()
         eval_batch = llm.eval
@@ -66,7 +63,7 @@ class KVMonitor:
 
         def reset_and_sample():
             reset_sequence()
-            # a cleared sequence may restart llama.cpp's counters: the totals continue from here
+            # a cleared sequence restarts its own counters (libllama's totals go on): show it at once
             self.snapshot = self._sample()
 
         llm.reset = reset_and_sample
@@ -95,25 +92,17 @@ class KVMonitor:
                     "horizon": self._resolved("horizon"),
                     "n_ctx": llm.n_ctx(), "n_cells": llm.kv_cells, "n_tokens": int(llm.n_tokens)}
             if self.policy != "full":
-                st = llm.kv_policy_stats(0)
-                # llama.cpp's counters may restart when a sequence is cleared and reused (per-sequence
-                # counters): a drop means a restart, so the totals add the new count
-                now = (int(st["n_rounds"]), int(st["n_evicted"]))
-                for i, name in enumerate(("rounds_total", "evicted_total")):
-                    delta = now[i] - self._last[i] if now[i] >= self._last[i] else now[i]
-                    setattr(self, name, getattr(self, name) + delta)
-                self._last = now
+                st = llm.kv_policy_stats(0)   # with libllama's totals since start-up (n_rounds_total, ...)
                 for k, v in st.items():
                     if k not in snap and isinstance(v, (int, float)) and not isinstance(v, bool):
                         snap[k] = round(v, 3) if isinstance(v, float) else int(v)
                 used = int(st["n_cells_used"])
             else:
                 used = len(_llama.seq_positions(llm, 0)) if hasattr(_llama, "seq_positions") else 0
-                snap.update(n_rounds=0, n_evicted=0)
+                snap.update(n_rounds=0, n_evicted=0, n_rounds_total=0, n_evicted_total=0)
             snap["n_cells_used"] = used
             self.peak = max(self.peak, used)
-            snap.update(n_cells_used_peak=self.peak, rounds_total=self.rounds_total,
-                        evicted_total=self.evicted_total, requests=self.requests, time=round(time.time(), 3))
+            snap.update(n_cells_used_peak=self.peak, requests=self.requests, time=round(time.time(), 3))
         return snap
 
     def stats(self) -> dict:

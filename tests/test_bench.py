@@ -193,8 +193,9 @@ def test_cli_json_and_plot(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--policies", "full,h2o"], "unknown policy 'h2o'"),
-    (["--policies", "full+shift"], "+shift does not apply"),
+    (["--policies", "full,h2o"], "unknown KV policy 'h2o'"),
+    (["--policies", "full+shift"], "full evicts nothing, so @, / and + do not apply to it"),
+    (["--policies", "tri+head"], "per-head eviction is written tri@head"),
     (["--positions", "64,abc"], "--positions takes comma-separated whole numbers"),
     (["--positions", "64,80"], "closer than window x repeat"),
     (["--budget", "0"], "--budget must be positive"),

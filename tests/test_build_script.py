@@ -120,3 +120,26 @@ def test_tools_are_built_from_the_patched_tree_into_their_own_build_dir(monkeypa
     assert build == ["cmake", "--build", str(build_dir), "--target", *bl.TOOLS, "-j", "2"]
     # and the sources it built carry the KV-policy arguments
     assert "--kv-policy" in (src / "common" / "arg.cpp").read_text()
+
+
+def test_built_tools_are_linked_into_the_venvs_bin_so_a_bare_command_runs(tmp_path):
+    bl = _load_build_script()
+    built = tmp_path / "build" / "bin"
+    built.mkdir(parents=True)
+    paths = []
+    for name in ("llama-server", "llama-cli"):
+        (built / name).write_text("#!/bin/sh\necho " + name + "\n")
+        (built / name).chmod(0o755)
+        paths.append(built / name)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n")
+    assert bl.venv_bin(str(venv / "bin" / "python")) == venv / "bin"
+    assert bl.venv_bin(str(tmp_path / "python")) is None           # not a venv: nothing is linked
+    (venv / "bin" / "llama-cli").write_text("a program of the user's own")
+    linked = bl.link_tools(paths, venv / "bin")
+    assert linked == [venv / "bin" / "llama-server"]               # the user's file is left alone
+    assert (venv / "bin" / "llama-cli").read_text() == "a program of the user's own"
+    assert subprocess.run([str(venv / "bin" / "llama-server")], capture_output=True, text=True).stdout == "llama-server\n"
+    # a second build replaces its own link
+    assert bl.link_tools(paths, venv / "bin") == linked and (venv / "bin" / "llama-server").resolve() == paths[0]

@@ -131,3 +131,32 @@ def test_the_policy_table_answers_what_each_front_end_asks():
     assert policy.PER_HEAD_POLICIES == ("tri", "snapkv") == policy.SCORING_POLICIES
     assert policy.CALIBRATED_POLICIES == ("tri",)
     assert _core.granularity_names() == ["shared", "head", "layer"]
+
+
+def test_a_policy_variant_has_one_spelling_in_eval_and_bench():
+    """NAME[@head|@layer][/paper|/w=N|/h=N][+shift][:TYPE]: pytriatt.policy.parse_variant reads it for both."""
+    from pytriatt.benchmark.harness import parse_policies
+    from pytriatt.errors import UserError
+    from pytriatt.evaluation.common import check_supported, policy_settings, split_policy
+
+    v = policy.parse_variant("tri@head/w=32/h=1024+shift:q8_0")
+    assert (v.policy, v.per_head, v.settings, v.shift, v.cache_type) == \
+        ("tri", "head", {"window": 32, "horizon": 1024}, True, "q8_0")
+    assert policy.parse_variant("tri/paper").settings == {"window": 1, "horizon": policy.PAPER_HORIZON}
+    # the same per-head spelling in both commands
+    spec, = parse_policies("snapkv@layer/paper", "f16", "f16")
+    assert (spec.policy, spec.per_head, spec.settings) == ("snapkv", "layer", policy.PRESETS["paper"])
+    check_supported(["snapkv@layer/paper"])
+    assert split_policy("snapkv@layer/paper") == ("snapkv", "layer")
+    assert policy_settings("snapkv@layer/paper") == policy.PRESETS["paper"]
+    # the former bench spelling is refused with the one spelling, by both
+    for parse in (lambda t: parse_policies(t, "f16", "f16"), lambda t: check_supported([t])):
+        with pytest.raises(UserError, match="per-head eviction is written tri@head"):
+            parse("tri+head")
+        with pytest.raises(UserError, match="which only tri and snapkv do"):
+            parse("streaming@head")
+    # what eval sets with a flag of its own is refused in a variant, saying which flag
+    with pytest.raises(UserError, match="pass --shift"):
+        check_supported(["tri+shift"])
+    with pytest.raises(UserError, match="pass -ctk/-ctv"):
+        check_supported(["tri:q8_0"])

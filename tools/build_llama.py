@@ -21,7 +21,8 @@ CMAKE_ARGS passes through to CMake (default: a CPU build). For NVIDIA GPUs:
 
 With --tools it builds llama.cpp's own programs from the same patched tree
 instead of the Python package: llama-server, llama-cli and ggml-rpc-server, in
-<cache>/build/tools-<key> (CMake, incremental), and prints their paths.
+<cache>/build/tools-<key> (CMake, incremental), links them into the bin/ of the venv
+of --python (so the activated venv runs a bare `llama-server`), and prints their paths.
 """
 
 from __future__ import annotations
@@ -295,6 +296,28 @@ def build_tools(work: Path, build_dir: Path, cmake_args: list[str]) -> list[Path
     return paths
 
 
+def venv_bin(python: str) -> Path | None:
+    """The bin/ of the virtual environment `python` belongs to (None for a Python outside one)."""
+    d = Path(python).absolute().parent
+    return d if (d.parent / "pyvenv.cfg").is_file() else None
+
+
+def link_tools(paths: list[Path], bin_dir: Path) -> list[Path]:
+    """Symlink the built programs into bin_dir (a venv's bin/), replacing earlier links to them, so the
+    README's bare `llama-server` runs in the activated venv; a file that is not a link is left alone."""
+    out = []
+    for p in paths:
+        dst = bin_dir / p.name
+        if dst.is_symlink():
+            dst.unlink()
+        elif dst.exists():
+            log(f"{dst} exists and is not a link made here: left as it is")
+            continue
+        dst.symlink_to(p)
+        out.append(dst)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sdist", type=Path, help="use this sdist file instead of downloading it (still verified)")
@@ -303,7 +326,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--python", default=sys.executable, help="Python to install into (default: this one)")
     ap.add_argument("--tools", action="store_true",
                     help=f"build llama.cpp's own {', '.join(TOOLS)} from the patched tree instead of the Python "
-                         f"package (into <cache>/build/tools-<key>/bin; prints their paths)")
+                         f"package (into <cache>/build/tools-<key>/bin, linked into the bin/ of --python's venv; "
+                         f"prints their paths)")
     args = ap.parse_args(argv)
 
     t0 = time.time()
@@ -331,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.tools:
             paths = build_tools(work, tools_dir(cache, key).parent, cmake_args)
             log(f"built {version} tools in {time.time() - t0:.0f} s")
+            bin_dir = venv_bin(args.python)
+            if bin_dir is not None:
+                linked = link_tools(paths, bin_dir)
+                if linked:
+                    log(f"linked {', '.join(p.name for p in linked)} into {bin_dir}")
             for p in paths:
                 print(p)
             return 0

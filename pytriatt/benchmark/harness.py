@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -33,8 +33,7 @@ import numpy as np
 from ..calibrate import QUICK_TOKENS, ensure_calibrated
 from ..corpus import default_text, text_tokens
 from ..errors import UserError
-from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, EVICTING, KV_CACHE_TYPES,
-                      PER_HEAD_POLICIES, cells_needed)
+from ..policy import DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_WINDOW, cells_needed, parse_variant
 from .kvmath import ModelShape, model_shape, pad256
 from .logs import KvLog, parse_kv_log
 from .rss import rss_peak, rss_reset
@@ -51,29 +50,20 @@ class PolicySpec:
     shift: bool
     type_k: str
     type_v: str
-    per_head: Optional[str] = None   # "head" or "layer": per-head eviction (+head, +layer)
+    per_head: Optional[str] = None   # "head" or "layer": per-head eviction (tri@head, tri@layer)
+    settings: dict = field(default_factory=dict)   # window / horizon of the variant (tri/paper, tri/w=32)
 
 
 def parse_policies(text: str, type_k: str, type_v: str) -> list:
+    """The --policies list: one variant each, in pytriatt.policy's one spelling (VARIANT_SYNTAX)."""
     out, seen = [], set()
     for item in [s.strip() for s in text.split(",") if s.strip()]:
-        base, _, ctype = item.partition(":")
-        policy, _, mod = base.partition("+")
-        if policy not in ("full",) + EVICTING:
-            raise UserError(f"--policies: unknown policy {policy!r} (known: full, {', '.join(EVICTING)})")
-        if mod not in ("", "shift", "head", "layer"):
-            raise UserError(f"--policies: unknown modifier +{mod} in {item!r} (known: +shift, +head, +layer)")
-        if mod and policy == "full":
-            raise UserError(f"--policies: full attention evicts nothing, so +{mod} does not apply to it")
-        if mod in ("head", "layer") and policy not in PER_HEAD_POLICIES:
-            raise UserError(f"--policies: {item}: per-head eviction (+{mod}) is for {' and '.join(PER_HEAD_POLICIES)}")
-        if ctype and ctype not in KV_CACHE_TYPES:
-            raise UserError(f"--policies: unknown cache type {ctype!r} in {item!r} (known: {', '.join(KV_CACHE_TYPES)})")
+        v = parse_variant(item)
         if item in seen:
             raise UserError(f"--policies: {item} is listed twice")
         seen.add(item)
-        out.append(PolicySpec(item, policy, mod == "shift", ctype or type_k, ctype or type_v,
-                              mod if mod in ("head", "layer") else None))
+        out.append(PolicySpec(item, v.policy, v.shift, v.cache_type or type_k, v.cache_type or type_v, v.per_head,
+                              dict(v.settings)))
     if not out:
         raise UserError("--policies is empty; e.g. --policies full,tri")
     return out
@@ -103,6 +93,7 @@ class PolicyRun:
         if spec.policy != "full":
             kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=DEFAULT_WINDOW,
                       horizon=cfg["horizon"], n_threads=cfg["score_threads"])
+            kw.update(spec.settings)
             if spec.policy == "tri":
                 kw["calib"] = calib
             if spec.shift:
@@ -251,6 +242,7 @@ def run_parallel(model, shape: ModelShape, log: KvLog, spec: PolicySpec, cfg: di
         kv_log = parse_kv_log(log.take())
         kw = dict(budget=cfg["budget"], interval=cfg["interval"], sink=cfg["sink"], window=DEFAULT_WINDOW,
                   horizon=cfg["horizon"], n_threads=cfg["score_threads"])
+        kw.update(spec.settings)
         if spec.policy == "tri":
             kw["calib"] = calib
         ctx.set_kv_policy(spec.policy, **kw)

@@ -19,10 +19,11 @@ the policy's scoring + eviction time as a share of decode time, the KV bytes lla
 peak host RSS, and policy/full ratios -- among them the target metric "tok/s at P vs full at
 position = budget" (full is also measured at the budget position for that).
 
-POLICY specs: full, tri, streaming, random (snapkv where the build has it); "+shift" compacts
-positions after each round (builds with the shift mode); "+head" / "+layer" evict per KV head (of
-each layer), e.g. tri+head; ":TYPE" sets that policy's K/V cache type, e.g. tri:q8_0 (default:
--ctk/-ctv).
+POLICY specs (the spelling `pytriatt eval --policies` takes too): NAME[@head|@layer][/paper|/w=N|/h=N]
+[+shift][:TYPE]. NAME: full, tri, streaming, random, snapkv; "@head" / "@layer" evict per KV head (of
+each layer), e.g. tri@head; "/paper" runs the paper's exact protections, "/w=N" / "/h=N" a window or
+horizon of its own; "+shift" compacts positions after each round; ":TYPE" sets that policy's K/V cache
+type, e.g. tri:q8_0 (default: -ctk/-ctv).
 
 examples:
   pytriatt bench qwen2.5-0.5b --budget 512 --positions 512,8192
@@ -81,7 +82,8 @@ def add_parser(sub) -> None:
     p.add_argument("--positions", default="2048,8192,32768",
                    help="comma-separated positions to measure decode speed at (default 2048,8192,32768)")
     p.add_argument("--policies", default="full,tri",
-                   help="comma-separated POLICY[+shift][:TYPE] specs (default full,tri); see above")
+                   help="comma-separated POLICY specs, e.g. full,tri,tri@head,tri/paper,tri:q8_0 (default full,tri); "
+                        "see above")
     p.add_argument("--window", type=int, default=128,
                    help="decode steps timed at each position (default 128 = the default interval: an evicting "
                         "policy's window then holds exactly one round, so its cost is amortized as in use)")

@@ -54,7 +54,9 @@ Policies: full, tri (TriAttention; the model needs statistics: --calib FILE, or 
 calibrated once on the fly and cached in $PYTRIATT_CACHE/calibrated), streaming (sink + most
 recent), random, snapkv (needs a build with the SnapKV policy). Per-head eviction inside
 llama_decode: tri@head (every KV head keeps its own tokens, shared by the layers: the paper's
-mode), tri@layer (every KV head of every layer), snapkv@head, snapkv@layer. --shift adds tri and
+mode), tri@layer (every KV head of every layer), snapkv@head, snapkv@layer. Settings of one
+policy: tri/paper (the paper's exact protections), tri/w=N (window), tri/h=N (horizon). The
+spelling is the bench command's too: NAME[@head|@layer][/paper|/w=N|/h=N]. --shift adds tri and
 streaming with positions compacted after each round (needs a build with it).
 
 examples:
@@ -71,8 +73,9 @@ def add_parser(sub) -> None:
     add_model_argument(p)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--policies", default="full,tri,streaming,random",
-                   help="comma-separated: full, tri, streaming, random, snapkv (recall also: oracle, tri-perhead, "
-                        "oracle-perhead and the tri ablations) (default full,tri,streaming,random)")
+                   help="comma-separated: full, tri, streaming, random, snapkv, each with @head/@layer and /paper, /w=N, "
+                        "/h=N (recall also: oracle, tri-perhead, oracle-perhead and the tri ablations) "
+                        "(default full,tri,streaming,random)")
     p.add_argument("--budgets", default="128,256,512", help="comma-separated KV budgets in tokens (default 128,256,512)")
     p.add_argument("--shift", action="store_true", help="also run tri and streaming with positions compacted")
     p.add_argument("--tokens", "-c", "--ctx-size", dest="tokens", type=int, help="sequence length: nll/recall text tokens (default 2048), passkey prompt "

@@ -48,7 +48,11 @@ def build_app(args):
                            type_k=KV_CACHE_TYPES[args.cache_type_k][0], type_v=KV_CACHE_TYPES[args.cache_type_v][0],
                            **kv)
         ms.n_threads = ms.n_threads_batch = threads(args)
-        ss = ServerSettings(host=args.host, port=sock.getsockname()[1], api_key=args.api_key)
+        # one Llama serves one request at a time: llama-cpp-python's default ends a running stream early (a
+        # plain [DONE], which a client cannot tell from a finished answer) when another request arrives;
+        # queue the others instead (llama-server -np N decodes several at once: docs/SERVING.md)
+        ss = ServerSettings(host=args.host, port=sock.getsockname()[1], api_key=args.api_key,
+                            interrupt_requests=False)
     except ValueError as e:   # pydantic's ValidationError is a ValueError
         sock.close()
         errors = getattr(e, "errors", lambda: [])()

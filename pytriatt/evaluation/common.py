@@ -20,36 +20,40 @@ import numpy as np
 from .. import _llama
 # the task modules take read_text and text_tokens from here, with the rest of their shared pieces
 from ..corpus import read_text, text_tokens  # noqa: F401
-from ..errors import EvalError
+from ..errors import EvalError, UserError
 
 # policies `pytriatt eval` knows are the contract's (pytriatt.policy); "tri@head" / "tri@layer" (and
 # snapkv@...) run them per head: every KV head (of every layer) keeps its own tokens
-from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_SNAP_WINDOW, DEFAULT_WINDOW, GRANULARITIES,
-                      PER_HEAD_POLICIES, POLICIES, PRESETS, c_params, cells_needed, cells_needed_swa)  # noqa: E402
+from ..policy import (DEFAULT_HORIZON, DEFAULT_INTERVAL, DEFAULT_SINK, DEFAULT_SNAP_WINDOW, DEFAULT_WINDOW,
+                      c_params, cells_needed, cells_needed_swa, parse_variant)  # noqa: E402
 
 
 def split_policy(name: str):
-    """'tri@head' -> ('tri', 'head'); 'tri' -> ('tri', 'shared'); 'tri/paper@head' -> ('tri', 'head')."""
-    base, _, gran = name.partition("@")
-    return base.partition("/")[0], gran or "shared"
+    """'tri@head' -> ('tri', 'head'); 'tri' -> ('tri', 'shared') (pytriatt.policy.parse_variant)."""
+    v = _variant(name)
+    return v.policy, v.granularity
 
 
 def policy_settings(name: str) -> dict:
-    """The settings a policy name carries after '/': a preset of pytriatt.policy.PRESETS ('tri/paper') or
-    window / horizon values ('tri/w=32/h=1024'), which override --window / --horizon for that policy."""
-    parts = name.partition("@")[0].split("/")[1:]
-    out = {}
-    for part in parts:
-        if part in PRESETS:
-            out.update(PRESETS[part])
-            continue
-        key, eq, value = part.partition("=")
-        full = {"w": "window", "h": "horizon"}.get(key, key)
-        if not eq or full not in ("window", "horizon") or not value.lstrip("-").isdigit():
-            raise EvalError(f"policy {name!r}: after '/' give a preset ({', '.join(PRESETS)}) or w=N / h=N "
-                            "(window, horizon), e.g. tri/paper or tri/w=32/h=1024")
-        out[full] = int(value)
-    return out
+    """The window / horizon a policy variant sets after '/' ('tri/paper', 'tri/w=32/h=1024'), which override
+    --window / --horizon for that policy."""
+    return dict(_variant(name).settings)
+
+
+def _variant(name: str):
+    try:
+        v = parse_variant(name)
+    except UserError as e:
+        raise EvalError(str(e)) from None
+    if v.shift:
+        raise EvalError(f"policy {name!r}: eval measures every policy with gaps and, with --shift, shifted too: "
+                        "drop +shift and pass --shift")
+    if v.cache_type:
+        raise EvalError(f"policy {name!r}: eval runs every policy with one cache type: drop :{v.cache_type} and "
+                        "pass -ctk/-ctv")
+    return v
+
+
 POSITION_MODES = ("gaps", "shift")
 ROW_KEYS = ("model", "policy", "position", "budget", "task", "n", "metric", "value", "ci_low", "ci_high")
 
@@ -135,13 +139,7 @@ def model_name(path: PathLike) -> str:
 def check_supported(policies: Sequence[str]) -> None:
     """Refuse, in one line, policy names `pytriatt eval` does not know."""
     for name in policies:
-        p, gran = split_policy(name)
-        if p not in POLICIES:
-            raise EvalError(f"unknown policy {name!r} (known: {', '.join(POLICIES)}, and tri@head, tri@layer, "
-                            "snapkv@head, snapkv@layer for per-head eviction)")
-        if gran not in GRANULARITIES or (gran != "shared" and p not in PER_HEAD_POLICIES):
-            raise EvalError(f"policy {name!r}: per-head eviction is tri@head, tri@layer, snapkv@head or snapkv@layer")
-        policy_settings(name)
+        _variant(name)
 
 
 def attach_policy(ctx, policy: str, budget: int, *, interval: int = DEFAULT_INTERVAL, sink: int = DEFAULT_SINK,
