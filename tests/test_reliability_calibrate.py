@@ -67,15 +67,21 @@ def test_killed_while_decoding_leaves_nothing(model, tmp_path, sig):
     src.write_bytes(model.read_bytes())
     before = sha(src)
     out = work / "out.tri.gguf"
-    # enough tokens that the run is still decoding when the signal arrives
+    # a text of about a million tokens: the run decodes for a minute or more (the default text ends at
+    # ~200 000 tokens, which the tiny model decodes in seconds: a loaded machine could see it finish)
+    words = "the of and to in is was for on that with as by at from his her which this be or an are".split()
+    text = work.parent / "long.txt"
+    text.write_text(" ".join(words[(i * 7919) % len(words)] for i in range(1_100_000)))
     proc = subprocess.Popen([sys.executable, "-m", "pytriatt", "calibrate", str(src), "-o", str(out),
-                             "--tokens", "200000", "--ctx", "256", "-t", "1"],
+                             "--text", str(text), "--tokens", "1000000", "--ctx", "256", "-t", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         chunks, reader = wait_for(proc, "calibrating [")
-        time.sleep(0.3)
+        # stopped, it cannot finish between the check and the signal; the signal acts once it continues
+        proc.send_signal(signal.SIGSTOP)
         assert proc.poll() is None, "calibration finished before it could be interrupted"
         proc.send_signal(sig)
+        proc.send_signal(signal.SIGCONT)
         proc.wait(timeout=60)
         reader.join(timeout=30)      # everything it wrote before it ended
         assert not reader.is_alive(), "its stderr stayed open after it ended"
