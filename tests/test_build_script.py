@@ -72,6 +72,7 @@ def test_a_patch_that_does_not_apply_names_the_patch_and_the_hunk(tmp_path, monk
     assert not (scratch_cache / "src").exists()
 
 
+@pytest.mark.slow
 def test_the_patches_apply_cleanly_and_stamp_the_version(monkeypatch, real_sdist, scratch_cache):
     monkeypatch.setenv("PYTRIATT_BUILD_CACHE", str(scratch_cache))
     assert bl.main(["--sdist", str(real_sdist), "--prepare-only"]) == 0
@@ -86,6 +87,7 @@ def test_the_patches_apply_cleanly_and_stamp_the_version(monkeypatch, real_sdist
     assert header.stat().st_mtime_ns == mtime
 
 
+@pytest.mark.slow
 def test_tools_are_built_from_the_patched_tree_into_their_own_build_dir(monkeypatch, capsys, real_sdist,
                                                                         scratch_cache):
     monkeypatch.setenv("PYTRIATT_BUILD_CACHE", str(scratch_cache))

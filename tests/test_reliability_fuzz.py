@@ -56,6 +56,7 @@ def test_seed_corpus_is_valid_calibrations_of_the_tiny_model(tmp_path):
     assert summary["cpp_accepted"] >= 5 and summary["cpp_rounds"] > 0
 
 
+@pytest.mark.slow
 def test_a_fixed_set_of_mutated_inputs_finds_nothing(tmp_path):
     # the same PYTRIATT_FUZZ_INPUTS (default 30,000) mutants of the seed corpus on every machine: no
     # coverage feedback, so no drift; the open-ended search is tools/fuzz_calib.py itself (RELIABILITY.md)

@@ -53,6 +53,7 @@ def program(tmp_path_factory):
     return exe
 
 
+@pytest.mark.slow
 def test_the_backend_scorer_matches_the_cpu_scorer_on_every_key_layout(program):
     backend = os.environ.get("PYTRIATT_SCORE_BACKEND_DEVICE", "CPU")
     r = subprocess.run([str(program), backend], capture_output=True, text=True, timeout=300)
