@@ -328,7 +328,8 @@ def support_report(path) -> Dict[str, Any]:
     """``pytriatt doctor MODEL``: does TriAttention apply to this GGUF, how is it scored, and why not.
 
     ``{"file", "architecture", "supported", "reason" (when not), "notes", "policies"}``: ``policies``
-    says per policy whether it attaches (``"yes"``) or why not; the answers follow
+    says per policy whether it attaches (``"yes"``), what it needs first (``"needs ..."``: tri on a file
+    without statistics) or why not; the answers follow
     docs/architectures.md (refusals are those the C++ policy makes at attach).
     """
     m = model_summary(open_model(path))
@@ -352,6 +353,17 @@ def support_report(path) -> Dict[str, Any]:
         rep["policies"] = {p: why if p in refused else "yes" for p in EVICTING}
         return rep
     rep["policies"] = {p: "yes" for p in EVICTING}
+    # what run would ask for first: the statistics (run refuses tri without them, naming this command)
+    from . import gguf_io
+    hdr = gguf_io.read_header(path)
+    if not any(k.startswith("triattention.") for k in hdr.keys()):
+        for p in CALIBRATED_POLICIES:
+            rep["policies"][p] = f"needs a calibration first: {calibrate_command(str(path))}"
+    n_swa = int(hdr.get(f"{arch}.attention.sliding_window") or 0)
+    if n_swa > 0:
+        rep["notes"].append(f"sliding-window layers keep their own {n_swa}-token window (a cache of their own, "
+                            f"never evicted): a budget applies to the global-attention layers; --shift is "
+                            f"refused on this model (the local layers' positions would no longer match)")
     return rep
 
 
@@ -362,7 +374,7 @@ def format_support(rep: Dict[str, Any]) -> str:
     for note in rep["notes"]:
         lines.append(f"  note          {note}")
     for p, v in rep["policies"].items():
-        lines.append(f"  {p:<13} {v if v == 'yes' else 'refused: ' + v}")
+        lines.append(f"  {p:<13} {v if v == 'yes' or v.startswith('needs') else 'refused: ' + v}")
     return "\n".join(lines)
 
 

@@ -249,7 +249,21 @@ def test_info_and_doctor_say_whether_tri_applies_and_why_not(support_of):
     assert any("partial rotary (8 of 16 dims)" in n for n in support_of("glm4")["notes"])
     for row in ("olmo2", "exaone", "qwen3"):   # nothing to say: verified, full rotary, no factors
         rep = support_of(row)
-        assert rep["supported"] and rep["notes"] == [] and set(rep["policies"].values()) == {"yes"}, row
+        assert rep["supported"] and rep["notes"] == [], row
+        # every policy attaches; tri once the file has its statistics (the tiny models have none)
+        assert rep["policies"]["tri"].startswith("needs a calibration first: pytriatt calibrate "), row
+        assert {v for p, v in rep["policies"].items() if p != "tri"} == {"yes"}, row
+
+
+def test_doctor_says_what_tri_needs_first_and_what_a_sliding_window_model_refuses(support_of, tiny_cal):
+    from pytriatt import modelinfo
+
+    assert set(modelinfo.support_report(tiny_cal)["policies"].values()) == {"yes"}   # calibrated: all attach
+    g = support_of("gemma3")
+    assert any("sliding-window layers keep their own" in n and "--shift is refused" in n for n in g["notes"])
+    text = modelinfo.format_support(g)
+    assert "  tri           needs a calibration first: pytriatt calibrate " in text
+    assert "refused: " not in text     # no policy is refused: tri only needs its statistics
 
 
 def test_doctor_model_prints_the_answer_and_fails_for_a_refused_model(tmp_path):
