@@ -57,7 +57,10 @@ CLI = [
     ("run: missing file", "run {missing} -n 4", r"no such file"),
     ("run: directory", "run {dir} -n 4", r"is a directory"),
     ("run: not GGUF", "run {notgguf} -n 4", r"not a GGUF file"),
-    ("run: truncated GGUF", "run {trunc} -n 4", r"truncated|corrupt"),
+    # the exact reason (what info and doctor say), with or without a budget, not llama.cpp's generic failure
+    ("run: truncated GGUF", "run {trunc} -n 4", r"is truncated: its tensor data ends \d+ bytes past the end"),
+    ("run --budget: truncated GGUF", "run {trunc} -n 4 --budget 64 --policy streaming",
+     r"is truncated: its tensor data ends \d+ bytes past the end"),
     ("run: budget 0", "run {tri} -n 4 --budget 0", r"budget"),
     ("run: negative budget", "run {tri} -n 4 --budget -8", r"budget"),
     ("run: interval 0", "run {tri} -n 4 --budget 32 --interval 0", r"interval"),

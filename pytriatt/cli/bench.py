@@ -7,7 +7,7 @@ import argparse
 from ..benchmark import format_report, parse_policies, plot_report, run_bench
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument, add_round_options,
                      add_threads, number_list, plot_output,
-                     calib_file, gpu_layers, print_json, resolve_model, threads, writing)
+                     calib_file, gpu_layers, load_checked, print_json, threads, writing)
 
 HELP = """\
 Measure decode speed, scoring cost and KV memory of KV eviction policies against full attention,
@@ -39,7 +39,7 @@ version, text, versions: a stale one is never reused; the cache run, serve and e
 
 
 def cmd_bench(args) -> int:
-    path = resolve_model(args.model)
+    path = load_checked(args.model)
     for flag, v in (("--budget", args.budget), ("--window", args.window), ("--repeat", args.repeat),
                     ("--interval", args.interval), ("--n-batch", args.n_batch)):
         if v < 1:

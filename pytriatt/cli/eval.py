@@ -10,7 +10,7 @@ from ..evaluation import DEFAULT_METRIC, TASKS, evaluate, format_table, plot_row
 from .. import policy as kv_policy
 from ..evaluation.common import model_name, say
 from .common import (CliError, add_cache_types, add_calib_options, add_gpu_layers, add_model_argument,
-                     add_round_options, add_threads, calib_file, number_list, plot_output, flash_attn, gpu_layers, print_json, resolve_model, threads,
+                     add_round_options, add_threads, calib_file, number_list, plot_output, flash_attn, gpu_layers, print_json, load_checked, threads,
                      writing)
 
 HELP = """\
@@ -164,7 +164,7 @@ def _task_opts(args) -> dict:
 
 def cmd_eval(args) -> int:
     try:
-        path = resolve_model(args.model)
+        path = load_checked(args.model)
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         if not policies:
             raise EvalError("--policies is empty")

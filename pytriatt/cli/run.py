@@ -14,7 +14,7 @@ from ..policy import resolved_horizon, resolved_window
 from ..report import mib
 from .common import (CliError, add_cache_types, add_calib_options, add_ctx_size, add_gpu_layers, add_model_argument,
                      add_policy_options, add_threads, flash_attn, gpu_layers, kv_policy_args, print_json,
-                     resolve_model, threads)
+                     load_checked, threads)
 
 
 def add_parser(sub) -> None:
@@ -73,7 +73,7 @@ class _Status:
 
 
 def cmd_run(args) -> int:
-    path = resolve_model(args.model or DEFAULT_MODEL)
+    path = load_checked(args.model or DEFAULT_MODEL)   # a truncated or corrupt file: the exact reason, in one line
     lc = _llama.require_patched()
     n_gpu_layers = gpu_layers(args)
     if args.n_predict == 0 or args.n_predict < -1:

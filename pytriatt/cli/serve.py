@@ -10,7 +10,7 @@ from ..models import DEFAULT_MODEL
 from ..serve import INSTALL_HINT, KVMiddleware, KVMonitor, bind, import_server, is_loopback, log
 from ..policy import KV_CACHE_TYPES
 from .common import (CliError, add_cache_types, add_calib_options, add_ctx_size, add_gpu_layers, add_model_argument,
-                     add_policy_options, add_threads, flash_attn, gpu_layers, kv_policy_args, resolve_model, threads)
+                     add_policy_options, add_threads, flash_attn, gpu_layers, kv_policy_args, load_checked, threads)
 
 
 def _check_flags(args) -> None:
@@ -30,7 +30,7 @@ def build_app(args):
     """Check everything, load the model and return (asgi_app, monitor, listening_socket)."""
     _check_flags(args)
     model_arg = args.model or DEFAULT_MODEL
-    path = resolve_model(model_arg)
+    path = load_checked(model_arg)
     _llama.require_patched("kv policy")
     server_app, ModelSettings, ServerSettings = import_server()
     kv = kv_policy_args(args, path, model_arg)   # the same settings `pytriatt run` passes to Llama
