@@ -67,7 +67,10 @@ CLI = [
     ("run: budget below protected tokens", "run {tri} -n 4 --budget 4 --sink 4 --window 2", r"protected.*budget"),
     ("run: prompt protected beyond the budget",
      "run {tri} -n 4 --budget 16 --protect-prompt -p '" + LONG_PROMPT + "'", r"prompt.*budget|budget.*prompt"),
-    ("run: calibration of another model", "run {tiny} -n 4 --budget 32 --calib {other}", r"another model"),
+    # the file is a calibration, of another model: the command to calibrate this one, not that one
+    ("run: calibration of another model", "run {tiny} -n 4 --budget 32 --calib {other}",
+     r"holds statistics of another model .*: calibrate this model \(pytriatt calibrate \S*tiny\S*\.gguf -o "
+     r"\S*\.tri\.gguf\), and pass its output as --calib"),
     ("run: calibration file missing", "run {tiny} -n 4 --budget 32 --calib {missing}", r"no such file"),
     ("run: model without calibration", "run {tiny} -n 4 --budget 32", r"no TriAttention calibration.*calibrate"),
     ("run: n_ctx smaller than the prompt", "run {tiny} -n 4 -c 16 -p '" + LONG_PROMPT + "'", r"exceed the context.*ctx-size"),

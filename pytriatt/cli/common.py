@@ -295,6 +295,13 @@ def _tri_calibration(args, path: Path, model_arg: str) -> Path:
         raise CliError(f"--calib {calib} carries no TriAttention statistics: pass a calibrated file, made with "
                        f"{modelinfo.calibrate_command(args.model or model_arg)}"
                        + (", or --calibrate instead of --calib" if can_calibrate else ""))
+    if calib is not None:
+        from ..fingerprint import calibration_mismatch
+        why = calibration_mismatch(calib, path)
+        if why:
+            # the file is a calibration, of another model: this model needs its own
+            raise CliError(f"--calib: {why} ({modelinfo.calibrate_command(args.model or model_arg)}), and pass "
+                           f"its output as --calib")
     calib = calib or path
     if gguf_io.has_prefix(calib, "triattention."):
         return calib
