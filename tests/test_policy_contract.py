@@ -160,3 +160,16 @@ def test_a_policy_variant_has_one_spelling_in_eval_and_bench():
         check_supported(["tri+shift"])
     with pytest.raises(UserError, match="pass -ctk/-ctv"):
         check_supported(["tri:q8_0"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--kv_policy", "trii"], "unknown kv_policy 'trii' (known: full, tri, streaming, random, snapkv)"),
+    (["--kv_policy", "streaming", "--kv_budget", "8", "--kv_sink", "8"], spelled(REFUSED[3][1], "kv_")),
+])
+def test_llama_cpp_python_server_refuses_them_before_loading_without_a_traceback(tiny_cal, args, message):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("pydantic_settings")
+    import sys
+    r = subprocess.run([sys.executable, "-m", "llama_cpp.server", "--model", str(tiny_cal), *args],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and message in r.stderr + r.stdout and "Traceback" not in r.stderr
