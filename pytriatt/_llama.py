@@ -23,7 +23,7 @@ PATCH_SYMBOLS = {
     "calibration capture": ("llama_triatt_capture_init", "llama_triatt_capture_cb_eval",
                             "llama_triatt_capture_get"),
     "kv policy": ("llama_set_kv_policy", "llama_get_kv_policy_stats", "llama_kv_policy_last_error",
-                  "llama_kv_policy_check"),
+                  "llama_kv_policy_check", "KVPolicyError"),
 }
 
 

@@ -61,9 +61,10 @@ def test_every_front_end_refuses_the_same_settings_with_the_same_message(setting
         err = capsys.readouterr().err
         assert spelled(message, "--") in err and err.count("\n") == 1, (command, err)
 
-    # Llama(kv_*=): n_ctx is its own keyword
+    # Llama(kv_*=): n_ctx is its own keyword; the error is a KVPolicyError (a ValueError), so callers need not
+    # read its text to tell it from a model that does not load
     kw = {("n_ctx" if k == "n_ctx" else f"kv_{k}"): v for k, v in settings.items()}
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(llama_cpp.KVPolicyError) as e:
         llama_cpp.Llama(str(tiny_cal), verbose=False, **kw)
     assert spelled(message, "kv_") in str(e.value)
 
@@ -89,7 +90,7 @@ def test_llama_cpp_flags_refuse_them_with_the_same_message(settings, message, ll
 
 
 def test_an_option_without_a_policy_is_refused_not_ignored(tiny_cal):
-    with pytest.raises(ValueError, match=r"^kv_budget set without kv_policy: pass kv_policy='tri'"):
+    with pytest.raises(llama_cpp.KVPolicyError, match=r"^kv_budget set without kv_policy: pass kv_policy='tri'"):
         llama_cpp.Llama(str(tiny_cal), verbose=False, kv_budget=256)
     with pytest.raises(ValueError, match=r"^kv_sink, kv_per_head set without kv_policy"):
         llama_cpp.Llama(str(tiny_cal), verbose=False, kv_sink=2, kv_per_head=True)

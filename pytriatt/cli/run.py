@@ -100,9 +100,9 @@ def cmd_run(args) -> int:
             extra["n_batch"] = max(32, min(512, args.interval))
         llm = lc.Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers,
                        seed=args.seed, verbose=bool(os.environ.get("PYTRIATT_VERBOSE")), **extra, **kv)
+    except lc.KVPolicyError as e:   # the policy could not attach (e.g. statistics of another model)
+        raise CliError(str(e)) from None
     except ValueError as e:
-        if str(e).startswith("kv_policy"):
-            raise CliError(str(e)) from None
         quantized = [t for t in (args.cache_type_k, args.cache_type_v) if t not in ("f32", "f16", "bf16")]
         if quantized:
             raise CliError(f"llama.cpp could not create a context with a {quantized[0]} KV cache for {path.name}: "

@@ -63,7 +63,7 @@ def build_app(args):
         app = server_app.create_app(server_settings=ss, model_settings=[ms])
     except ValueError as e:
         sock.close()
-        if str(e).startswith("kv_policy"):
+        if isinstance(e, _llama.import_llama_cpp().KVPolicyError):   # the policy could not attach
             raise CliError(str(e)) from None
         raise CliError(f"llama.cpp could not load {path} ({e}); PYTRIATT_VERBOSE=1 shows llama.cpp's reason") from None
     llm = server_app._llama_proxy()
