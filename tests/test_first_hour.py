@@ -81,8 +81,9 @@ def test_a_write_that_fails_midway_is_one_line(tiny_gguf, tiny_cal, tmp_path, ca
     def read_only(*a, **k):
         raise OSError(errno.EROFS, "Read-only file system")
     monkeypatch.setattr("pytriatt.gguf_io.write_with_metadata", read_only)
-    rc, _, err = run_main(capsys, "calibrate", tiny_gguf("llama"), "-o", tmp_path / "out.gguf", "--tokens", "64",
-                          "-c", "64", "-q")
+    from pytriatt.calibrate import RECOMMENDED_TOKENS          # (fewer would add a warning line)
+    rc, _, err = run_main(capsys, "calibrate", tiny_gguf("llama"), "-o", tmp_path / "out.gguf", "--tokens",
+                          RECOMMENDED_TOKENS, "-c", "256", "-q")
     one_line_error(rc, err, f"cannot write {tmp_path / 'out.gguf'}: Read-only file system")
     monkeypatch.setattr("pytriatt.modelinfo.plot_calibration", read_only)
     rc, _, err = run_main(capsys, "plot", tiny_cal, "-o", tmp_path / "h.png")
