@@ -204,7 +204,7 @@ def test_budget_flags_out_of_range_are_refused_at_start_up(capsys, smollm2_path)
     assert "--budget 0 is out of range" in _serve_error(capsys, [m, "--policy", "streaming", "--budget", "0"])
     assert "--interval 0 is out of range" in _serve_error(
         capsys, [m, "--policy", "streaming", "--budget", "64", "--interval", "0"])
-    assert "--budget 64 is not below -c 64" in _serve_error(
+    assert "--budget 64 is not below the longest sequence (64 tokens" in _serve_error(
         capsys, [m, "--policy", "streaming", "--budget", "64", "-c", "64"])
     assert "--sink 8 + --window 1 exceed --budget 8" in _serve_error(capsys, [m, "--policy", "streaming", "--budget", "8", "--sink", "8"])
     assert "needs --budget" in _serve_error(capsys, [m, "--policy", "streaming"])
