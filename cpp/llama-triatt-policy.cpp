@@ -533,6 +533,16 @@ int32_t llama_kv_policy_head_positions(struct llama_context * ctx, llama_seq_id 
     return kv->seq_positions(seq_id, pos, n_max);
 }
 
+llama_pos llama_kv_policy_seq_reuse(const struct llama_context * ctx, llama_seq_id seq_id, llama_pos p_common) {
+    if (!ctx || p_common <= 0 || !ctx->kv_policy || seq_id < 0) {
+        return std::max<llama_pos>(p_common, 0);   // without a policy every common token is cached as computed
+    }
+    // below pos_round_end the cache is what the rounds left of the tokens seen so far: it depends on those
+    // tokens alone only if the new prompt shares all of them
+    const llama_pos end = llama_get_kv_policy_stats(ctx, seq_id).pos_round_end;
+    return p_common >= end ? p_common : 0;
+}
+
 const char * llama_kv_policy_last_error(void) {
     return g_kv_policy_error.c_str();
 }

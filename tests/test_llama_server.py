@@ -100,12 +100,13 @@ def test_two_slots_evict_independently_and_a_reused_slot_starts_clean(llama_tool
             # a slot's length is -c, not the number of KV cells
             assert slots[r["id_slot"]]["n_ctx"] == 4096 and kv["n_cells"] < 4096
 
-        # the first prompt again: the server picks the slot that holds it, whose cache lost evicted tokens;
-        # it starts from an empty sequence, so greedy decoding repeats what a fresh slot gave, exactly
+        # the first prompt again: the server picks the slot that holds it, whose cache lost evicted tokens
+        # after that prompt (the prompt stops before the latest round); it starts from an empty sequence, so
+        # greedy decoding repeats what a fresh slot gave, exactly
         again = _complete(srv.url, prompts[0], 16)
         assert again["id_slot"] == results[0]["id_slot"]
         assert again["content"] == fresh["content"]
-        assert "evicted tokens, processing the prompt from scratch" in srv.log
+        assert "differs from the cached tokens before the latest eviction round" in srv.log
         kv = srv.slots()[again["id_slot"]]["kv_policy"]
         # fresh counters: 16 tokens after a short prompt never reach the budget; the newest token is not decoded yet
         assert (kv["n_rounds"], kv["n_evicted"]) == (0, 0)
@@ -150,6 +151,42 @@ def _llama_server_error(llama_tools, args: list[str]) -> str:
             break
     assert r.returncode != 0
     return r.stdout + r.stderr
+
+
+def test_a_conversation_continues_on_its_compressed_cache(llama_tools, smollm2_path):
+    """A prompt that extends every token the slot has seen (evicted ones included) past the latest round
+    continues on the compressed cache: only its new tokens are processed (llama_kv_policy_seq_reuse, the rule
+    Llama follows too); one that differs before the round is processed afresh."""
+    srv = LlamaServer(llama_tools["llama-server"],
+                      ["-m", str(smollm2_path), "-np", "1", "-c", "4096", "-b", "64", "-t", "2",
+                       "--kv-policy", "streaming", "--kv-budget", str(BUDGET), "--kv-interval", str(INTERVAL)])
+    try:
+        def tokens(text: str) -> list:
+            return _post(srv.url + "/tokenize", {"content": text})["tokens"]
+
+        def complete(prompt: list, n: int) -> dict:
+            return _post(srv.url + "/completion", {"prompt": prompt, "n_predict": n, "ignore_eos": True,
+                                                   "temperature": 0, "cache_prompt": True, "return_tokens": True})
+
+        first_prompt = tokens("Write a long story about a lighthouse keeper.")
+        first = complete(first_prompt, 4 * BUDGET)
+        kv = srv.slots()[0]["kv_policy"]
+        assert kv["n_rounds"] > 0 and kv["n_evicted"] > 0
+        more = tokens(" The next morning, the keeper")
+        history = first_prompt + first["tokens"]
+        second = complete(history + more, 8)
+        # continued: the shared tokens came from the cache, only the new ones were processed
+        assert second["tokens_cached"] >= len(history) - 1, second
+        assert second["timings"]["prompt_n"] <= len(more) + 1, second["timings"]
+        after = srv.slots()[0]["kv_policy"]
+        assert after["n_rounds"] >= kv["n_rounds"] and after["n_evicted"] >= kv["n_evicted"]   # the same sequence
+        assert 0 < after["n_cells_used"] <= BUDGET + INTERVAL
+        # a prompt that leaves the conversation before the latest round: processed from scratch
+        third = complete(first_prompt[:4] + more, 4)
+        assert third["timings"]["prompt_n"] == len(first_prompt[:4] + more), third["timings"]
+        assert "differs from the cached tokens before the latest eviction round" in srv.log
+    finally:
+        srv.stop()
 
 
 def test_context_shift_and_eviction_are_mutually_exclusive(llama_tools, smollm2_path):
